@@ -1,0 +1,218 @@
+"""Swin Transformer v1 backbone (Liu et al. 2021), as BiRefNet uses it.
+
+Parameter names follow the published BiRefNet / RMBG-2.0 checkpoints (`patch_embed`,
+`layers.N.blocks.M.attn.qkv`, `norm0..norm3`, ...), so their weights load unchanged.
+Features stay in (B, H, W, C) layout inside a stage; window attention goes through
+`scaled_dot_product_attention` with the relative-position bias (and, in shifted blocks,
+the cyclic-shift mask) as an additive mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The published code masks cross-region pairs with -100 before the softmax; a finite
+# value keeps half precision free of inf - inf.
+_MASKED = -100.0
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    embed_dim: int
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    window_size: int
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channels of the four output feature maps (strides 4, 8, 16, 32)."""
+        return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
+
+
+SWIN_LARGE = SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12)
+SWIN_TINY = SwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """(window², window²) index into the (2w-1)² bias table for each query/key pair."""
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()])  # 2, N
+    rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # 2, N, N, both >= 0
+    return rel[0] * (2 * window - 1) + rel[1]
+
+
+def to_windows(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, nW, window², C); H and W are multiples of `window`."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c).transpose(2, 3)
+    return x.reshape(b, (h // window) * (w // window), window * window, c)
+
+
+def from_windows(x: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of `to_windows`."""
+    b, c = x.shape[0], x.shape[-1]
+    x = x.view(b, h // window, w // window, window, window, c).transpose(2, 3)
+    return x.reshape(b, h, w, c)
+
+
+def shifted_window_mask(h: int, w: int, window: int, shift: int, device, dtype) -> torch.Tensor:
+    """(nW, 1, N, N) additive mask keeping attention inside the regions a cyclic shift joins."""
+    region = torch.zeros(h, w, device=device)
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    label = 0
+    for hs in bounds:
+        for ws in bounds:
+            region[hs, ws] = label
+            label += 1
+    labels = to_windows(region[None, :, :, None], window)[0, :, :, 0]  # nW, N
+    different = labels[:, None, :] != labels[:, :, None]
+    return torch.zeros(different.shape, dtype=dtype, device=device).masked_fill_(different, _MASKED)[:, None]
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, window: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=True)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def position_bias(self, dtype) -> torch.Tensor:
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, self.num_heads).permute(2, 0, 1).to(dtype)  # heads, N, N
+
+    def forward(self, windows: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
+        """windows: (B, nW, N, C); shift_mask: (nW, 1, N, N) or None."""
+        b, nw, n, c = windows.shape
+        qkv = self.qkv(windows).view(b * nw, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, d)
+        bias = self.position_bias(q.dtype)[None]  # 1, heads, N, N
+        if shift_mask is not None:
+            # One mask per window, shared by the images of the batch.
+            bias = (bias + shift_mask.to(q.dtype)).expand(b, nw, -1, -1, -1).reshape(b * nw, self.num_heads, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(b, nw, n, c))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, H, W, C), H and W unpadded."""
+        b, h, w, c = x.shape
+        win = self.window
+        y = self.norm1(x)
+        pad_h, pad_w = (-h) % win, (-w) % win
+        if pad_h or pad_w:
+            y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+        hp, wp = h + pad_h, w + pad_w
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        y = from_windows(self.attn(to_windows(y, win), shift_mask if self.shift else None), win, hp, wp)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        if pad_h or pad_w:
+            y = y[:, :h, :w]
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood -> one token with twice the channels."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+            h, w = h + h % 2, w + w % 2
+        # Neighbour order (row, col) = (0,0), (1,0), (0,1), (1,1), as the checkpoint expects.
+        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
+        return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+    def __init__(self, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float, downsample: bool):
+        super().__init__()
+        self.window = window
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio) for i in range(depth)
+        )
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this stage's output, the next stage's input)."""
+        _, h, w, _ = x.shape
+        win = self.window
+        hp, wp = h + (-h) % win, w + (-w) % win
+        shift_mask = shifted_window_mask(hp, wp, win, win // 2, x.device, x.dtype) if len(self.blocks) > 1 else None
+        for block in self.blocks:
+            x = block(x, shift_mask)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, dim: int):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, H/4, W/4, C); sizes not divisible by the patch are zero-padded."""
+        h, w = x.shape[-2:]
+        if h % self.patch or w % self.patch:
+            x = F.pad(x, (0, (-w) % self.patch, 0, (-h) % self.patch))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class SwinTransformer(nn.Module):
+    """Returns four normalised NCHW feature maps at strides 4, 8, 16 and 32."""
+
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
+        n = len(cfg.depths)
+        self.layers = nn.ModuleList(
+            SwinStage(dim, cfg.depths[i], cfg.num_heads[i], cfg.window_size, cfg.mlp_ratio, downsample=i < n - 1)
+            for i, dim in enumerate(cfg.channels)
+        )
+        for i, dim in enumerate(cfg.channels):
+            self.add_module(f"norm{i}", nn.LayerNorm(dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.patch_embed(x)
+        outs = []
+        for i, stage in enumerate(self.layers):
+            out, x = stage(x)
+            outs.append(getattr(self, f"norm{i}")(out).permute(0, 3, 1, 2).contiguous())
+        return tuple(outs)

@@ -1,0 +1,134 @@
+"""The network computes what the published RMBG-2.0 / BiRefNet code computes."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import parity
+from conftest import FIXTURES
+from rmbg_demo import build_model, model_names
+
+torch.set_float32_matmul_precision("highest")
+TOLERANCE = 1e-3  # of each reference map's standard deviation
+
+
+def read_layout(name):
+    rows = (line.rstrip("\n").split("\t") for line in open(FIXTURES / "rmbg2" / name))
+    return {key: tuple(int(d) for d in shape.strip("[]").split(",") if d.strip()) for key, shape, _ in rows}
+
+
+@pytest.mark.parametrize("name, layout, count", [
+    ("rmbg-2.0", "state_dict_keys.tsv", 754),
+    ("birefnet-general", "state_dict_keys.tsv", 754),
+    ("birefnet-lite", "birefnet_lite_state_dict_keys.tsv", 586),
+])
+def test_state_dict_is_the_published_layout(name, layout, count):
+    with torch.device("meta"):
+        model = build_model(name)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    published = read_layout(layout)
+    assert len(published) == count
+    assert ours == published
+    assert not model.training
+
+
+def test_rmbg2_has_220m_parameters():
+    with torch.device("meta"):
+        model = build_model("rmbg-2.0")
+    parameters = sum(p.numel() for p in model.parameters())
+    values = sum(t.numel() for t in model.state_dict().values())
+    assert round(parameters / 1e6, 1) == 220.2
+    assert round(values / 1e6, 1) == 220.7  # the figure in shared/rmbg2/README.md, buffers included
+
+
+def run(model, h, w):
+    with torch.no_grad():
+        return model(parity.deterministic_input(h, w))
+
+
+def assert_parity(outputs, reference):
+    report = parity.compare(outputs, str(FIXTURES / "rmbg2" / reference))
+    assert len(report) == 4
+    for shape, _, relative in report:
+        assert relative < TOLERANCE, f"map {shape}: {relative:.2e} of std"
+    return report
+
+
+@pytest.mark.parametrize("h, w, reference", [(256, 256, "public_256.npz"), (320, 448, "public_320x448.npz")])
+def test_rmbg2_matches_published_outputs(rmbg2_fixture_model, h, w, reference):
+    outputs = run(rmbg2_fixture_model, h, w)
+    assert [tuple(o.shape[-2:]) for o in outputs] == [(h // 32, w // 32), (h // 16, w // 16), (h // 8, w // 8), (h, w)]
+    assert_parity(outputs, reference)
+
+
+def test_lite_matches_published_outputs(lite_fixture_model):
+    assert_parity(run(lite_fixture_model, 256, 256), "lite_public_256.npz")
+
+
+def test_model_card_usage_works(rmbg2_fixture_model):
+    """The model card's `model(x)[-1].sigmoid()` gives a probability map of the input's size."""
+    with torch.no_grad():
+        mask = rmbg2_fixture_model(parity.deterministic_input(256, 256))[-1].sigmoid()
+    assert mask.shape == (1, 1, 256, 256)
+    assert 0 <= float(mask.min()) and float(mask.max()) <= 1
+
+
+def test_parity_detects_a_five_percent_change_in_the_last_swin_stage(rmbg2_fixture_model):
+    # One weight tensor scaled by 1.05 moves the coarse map by ~3e-2 of its std (measured);
+    # a single scalar of it moves it by ~3e-5, below the float32 agreement itself (~6e-6
+    # to 1e-5), so the tensor is what a parity check can and must catch.
+    model = copy.deepcopy(rmbg2_fixture_model)
+    with torch.no_grad():
+        model.bb.layers[3].blocks[1].mlp.fc2.weight.mul_(1.05)
+    report = parity.compare(run(model, 256, 256), str(FIXTURES / "rmbg2" / "public_256.npz"))
+    assert max(relative for _, _, relative in report) > TOLERANCE
+
+
+def test_batch_of_two_equals_two_single_runs(lite_fixture_model):
+    a = parity.deterministic_input(256, 256)
+    b = torch.flip(a, dims=[-1])
+    with torch.no_grad():
+        batched = lite_fixture_model(torch.cat([a, b]))[-1]
+        single = torch.cat([lite_fixture_model(a)[-1], lite_fixture_model(b)[-1]])
+    assert torch.allclose(batched, single, atol=1e-4)
+
+
+# Half precision: measured max |p - p_fp32| on the 256x256 fixture was 0.0032 (bf16) and
+# 0.0005 (fp16) for the probability maps; 0.01 leaves room across CPUs.
+HALF_TOLERANCE = 0.01
+
+
+def probability_gap(outputs, reference):
+    return max(float((o.float().sigmoid() - r.sigmoid()).abs().max()) for o, r in zip(outputs, reference))
+
+
+def test_bfloat16_autocast_and_cast_agree_with_float32(rmbg2_fixture_model):
+    x = parity.deterministic_input(256, 256)
+    with torch.no_grad():
+        reference = rmbg2_fixture_model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = rmbg2_fixture_model(x)
+        cast_model = copy.deepcopy(rmbg2_fixture_model).to(torch.bfloat16)
+        cast = cast_model(x.to(torch.bfloat16))
+    assert autocast[-1].dtype == torch.bfloat16 and cast[-1].dtype == torch.bfloat16
+    assert probability_gap(autocast, reference) < HALF_TOLERANCE
+    assert probability_gap(cast, reference) < HALF_TOLERANCE
+
+
+def test_float16_cast_agrees_with_float32(lite_fixture_model):
+    # float16 convolutions are slow on CPU: the small network at a small size keeps this quick.
+    x = parity.deterministic_input(128, 128)
+    with torch.no_grad():
+        reference = lite_fixture_model(x)
+        half = copy.deepcopy(lite_fixture_model).half()(x.half())
+    assert half[-1].dtype == torch.float16
+    assert probability_gap(half, reference) < HALF_TOLERANCE
+
+
+def test_registry_lists_the_networks_and_the_embedded_model():
+    assert {"rmbg-2.0", "birefnet-general", "birefnet-lite", "u2netp"} <= set(model_names())
+    with pytest.raises(ValueError, match="unknown model 'nope'.*rmbg-2.0"):
+        build_model("nope")
+    with pytest.raises(ValueError, match="onnx"):
+        build_model("u2netp")
