@@ -1,0 +1,204 @@
+"""Decoding inputs and encoding outputs.
+
+Every input kind (path, bytes, file object, PIL image, numpy array) becomes a fully loaded
+RGB image, or RGBA when it carries real transparency. Size limits are checked from the
+header, before any pixels are decoded; bad data gets an `ImageDecodeError` saying what is wrong.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000
+FORMAT_EXTENSIONS = {"png": ".png", "webp": ".webp"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a half file must fail, not come back half grey
+_heif_registered = False
+
+
+class ImageDecodeError(ValueError):
+    """The input is not an image we can use; the message says why."""
+
+
+def _register_heif() -> None:
+    global _heif_registered
+    if not _heif_registered:
+        _heif_registered = True
+        try:
+            import pillow_heif
+
+            pillow_heif.register_heif_opener()
+        except ImportError:  # HEIC stays unreadable; everything else works
+            pass
+
+
+def _describe(source) -> str:
+    return f" ({Path(source).name})" if isinstance(source, (str, os.PathLike)) else ""
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, where: str) -> None:
+    width, height = size
+    if max_pixels and width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image{where} is {width}x{height} ({width * height / 1e6:.1f} MP), over the "
+            f"{max_pixels / 1e6:.1f} MP limit; raise max_pixels to allow it")
+
+
+def _open(source, where: str) -> Image.Image:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageDecodeError(f"no such file: {path}")
+        data = path.read_bytes()  # read once; the file itself is never touched again
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif hasattr(source, "read"):
+        data = source.read()
+    else:
+        raise ImageDecodeError(f"cannot read an image from a {type(source).__name__}")
+    if not data:
+        raise ImageDecodeError(f"not an image{where}: the data is empty")
+    _register_heif()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"not an image{where}: no decoder recognises this data ({len(data)} bytes starting {data[:16]!r})"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image{where} refused as a decompression bomb: {exc}") from None
+
+
+def _to_rgb_or_rgba(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (or 32-bit) greyscale: scale into 8 bits rather than clipping at 255.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values * 255.0 / top + 0.5, 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if values.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            return rgba
+        return rgba.convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ImageDecodeError(f"unsupported array shape {a.shape}; expected HxW, HxWx1, HxWx3 or HxWx4")
+    _check_pixels((a.shape[1], a.shape[0]), max_pixels, "")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype == np.uint16:
+        a = (a.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ImageDecodeError(f"unsupported array dtype {a.dtype}; use uint8, uint16, bool or float in [0, 1]")
+    mode = {2: "L", 3: "RGB", 4: "RGBA"}[a.shape[2] if a.ndim == 3 else 2]
+    return _to_rgb_or_rgba(Image.fromarray(np.ascontiguousarray(a), mode))
+
+
+def load_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A fully decoded RGB (or RGBA, if transparent) image, EXIF orientation applied, first frame only."""
+    if isinstance(source, np.ndarray):
+        return _from_array(source, max_pixels)
+    where = _describe(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        image = _open(source, where)
+    _check_pixels(image.size, max_pixels, where)
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+    except Exception as exc:  # decoders raise OSError, SyntaxError, zlib.error, ValueError...
+        raise ImageDecodeError(f"image{where} is truncated or corrupt: {exc}") from None
+    return _to_rgb_or_rgba(image)
+
+
+def encode_image(image: Image.Image, fmt: str = "png", *, compress_level: int = 1) -> bytes:
+    """PNG (zlib level 1: several times faster than the default, a little larger) or lossless WebP."""
+    fmt = fmt.lower()
+    buffer = io.BytesIO()
+    if fmt == "png":
+        image.save(buffer, "PNG", compress_level=compress_level)
+    elif fmt == "webp":
+        image.save(buffer, "WEBP", lossless=True, method=4, exact=False)
+    else:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of: {', '.join(FORMAT_EXTENSIONS)}")
+    return buffer.getvalue()
+
+
+def write_atomic(data: bytes, path, *, overwrite: bool = False) -> Path:
+    """Write to a temporary file beside `path`, then move it into place; never a half-written file.
+
+    Without `overwrite` an existing file is kept (and FileExistsError raised), even when
+    another writer creates it in the meantime: the final step is a hard link, which fails
+    rather than replaces."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it") from None
+            os.unlink(tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def image_files(inputs, *, recursive: bool = False) -> list[Path]:
+    """Files, folders and glob patterns -> a sorted, de-duplicated list of image files."""
+    found: list[Path] = []
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text)
+        if path.is_file():
+            matches = [path]
+        elif path.is_dir():
+            walk = path.rglob("*") if recursive else path.iterdir()
+            matches = sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True)
+                             if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+            if not matches:
+                raise FileNotFoundError(f"no image file matches {text}")
+        for match in matches:
+            if match not in found:
+                found.append(match)
+    return found

@@ -1,0 +1,127 @@
+"""The pipeline: the model card's numbers with our network, and real cut-outs with the embedded model."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from conftest import ASSETS, composite_on_texture
+from rmbg_demo.pipeline import RemovalPipeline, choose_model, get_pipeline, remove
+
+
+@pytest.fixture(scope="module")
+def u2netp():
+    return get_pipeline("u2netp", device="cpu")
+
+
+def model_card_mask(model, image: Image.Image, size) -> Image.Image:
+    """RMBG-2.0's model card snippet, line for line (at `size` instead of 1024x1024 to keep CPU tests quick)."""
+    transform_image = transforms.Compose([
+        transforms.Resize(size),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    input_images = transform_image(image).unsqueeze(0)
+    with torch.no_grad():
+        preds = model(input_images)[-1].sigmoid().cpu()
+    pred = preds[0].squeeze()
+    pred_pil = transforms.ToPILImage()(pred)
+    return pred_pil.resize(image.size)
+
+
+def test_mask_equals_the_model_card_snippet(rmbg2_fixture_model):
+    torch.set_float32_matmul_precision("high")  # as the model card sets it
+    image = Image.open(ASSETS / "chelsea.jpg").convert("RGB")
+    expected = np.asarray(model_card_mask(rmbg2_fixture_model, image, (512, 512)), dtype=int)
+    pipeline = RemovalPipeline("rmbg-2.0", network=rmbg2_fixture_model, device="cpu", dtype="float32",
+                               input_size=(512, 512))
+    ours = np.asarray(pipeline(ASSETS / "chelsea.jpg").mask, dtype=int)
+    assert ours.shape == expected.shape == (300, 451)
+    assert expected.std() > 4, "the fixture weights must give a mask with structure to compare"
+    assert np.abs(ours - expected).max() <= 2
+
+
+def iou(mask: Image.Image, truth: np.ndarray) -> float:
+    predicted = np.asarray(mask) >= 128
+    return float((predicted & truth).sum() / (predicted | truth).sum())
+
+
+@pytest.mark.parametrize("texture", ["grass", "gravel", "brick"])
+def test_embedded_model_finds_a_pasted_object(u2netp, texture):
+    image, truth = composite_on_texture(texture)
+    result = u2netp(image)
+    assert result.model == "u2netp"
+    assert result.mask.size == image.size and result.mask.mode == "L"
+    assert iou(result.mask, truth) > 0.85
+
+
+def test_real_photo_cutout_keeps_the_subject_and_drops_the_corners(u2netp):
+    result = u2netp(ASSETS / "chelsea.jpg")
+    cut = np.asarray(result.cutout())
+    assert cut.shape == (300, 451, 4)
+    alpha = cut[..., 3]
+    assert alpha[130:230, 150:300].mean() > 200  # the cat's face and body
+    assert alpha[:30, :30].mean() < 40 and alpha[:30, -30:].mean() < 40  # the background behind it
+    original = np.asarray(Image.open(ASSETS / "chelsea.jpg").convert("RGB"))
+    assert np.array_equal(cut[..., :3], original)
+
+
+def test_batch_gives_the_same_masks_as_one_at_a_time(u2netp):
+    sources = [ASSETS / name for name in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")]
+    batched = RemovalPipeline("u2netp", device="cpu", batch_size=2, network=u2netp.network).process(sources)
+    for source, result in zip(sources, batched):
+        single = u2netp(source).mask
+        assert result.mask.size == single.size
+        assert np.abs(np.asarray(result.mask, int) - np.asarray(single, int)).max() <= 1
+
+
+def test_inputs_of_every_kind_give_the_same_mask(u2netp):
+    path = ASSETS / "coffee.jpg"
+    data = path.read_bytes()
+    pil = Image.open(path)
+    array = np.asarray(pil.convert("RGB"))
+    masks = [np.asarray(u2netp(s).mask) for s in (path, str(path), data, io.BytesIO(data), pil, array)]
+    for mask in masks[1:]:
+        assert np.array_equal(mask, masks[0])
+
+
+def test_remove_is_bytes_in_bytes_out_and_pil_in_pil_out(u2netp):
+    data = (ASSETS / "chelsea.jpg").read_bytes()
+    png = remove(data, model="u2netp", device="cpu")
+    out = Image.open(io.BytesIO(png))
+    assert out.format == "PNG" and out.mode == "RGBA" and out.size == (451, 300)
+    pil = remove(Image.open(ASSETS / "chelsea.jpg"), model="u2netp", device="cpu", background="#00ff00")
+    assert pil.mode == "RGB" and pil.getpixel((2, 2))[1] > 200  # the corner is now green
+    mask = remove(np.asarray(Image.open(ASSETS / "chelsea.jpg")), model="u2netp", device="cpu", only_mask=True)
+    assert isinstance(mask, np.ndarray) and mask.shape == (300, 451) and mask.dtype == np.uint8
+
+
+def test_backgrounds_and_refinement_on_a_result(u2netp):
+    result = u2netp(ASSETS / "astronaut.jpg")
+    mask = np.asarray(result.mask)
+    solid = np.asarray(result.composite("#0000ff"))
+    assert solid.shape == (512, 512, 3)
+    assert (solid[mask == 0] == [0, 0, 255]).all()
+    blurred = np.asarray(result.composite("blur"))
+    assert blurred.shape == (512, 512, 3)
+    refined = np.asarray(result.cutout(refine=True))
+    assert np.array_equal(refined[..., 3], mask)
+    opaque = mask == 255
+    original = np.asarray(result.image)
+    assert np.abs(refined[..., :3][opaque].astype(int) - original[opaque]).mean() < 2
+
+
+def test_auto_choice_falls_back_to_the_embedded_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("RMBG_WEIGHTS", raising=False)
+    assert choose_model("auto") == "u2netp"
+    monkeypatch.setenv("RMBG_WEIGHTS", str(ASSETS / "chelsea.jpg"))  # any existing file counts as "resolves"
+    assert choose_model("auto") == "rmbg-2.0"
+
+
+def test_pipeline_describes_the_model_it_runs(u2netp):
+    text = u2netp.describe()
+    assert "u2netp" in text and "cpu" in text and "Apache-2.0" in text
