@@ -1,0 +1,203 @@
+"""`rmbg` / `python -m rmbg_demo`: background removal from the command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, encode_image, image_files, write_atomic
+from .models import REGISTRY, model_names
+
+log = logging.getLogger("rmbg_demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmbg", description="Remove image backgrounds with RMBG-2.0 and friends.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    remove = sub.add_parser("remove", help="cut out the subject of each image",
+                            description="Writes OUT_DIR/<name>.png (RGBA) per input; a bad file is reported and skipped.")
+    remove.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    remove.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR")
+    add_model_arguments(remove)
+    remove.add_argument("--batch-size", type=int, default=1, metavar="N")
+    remove.add_argument("--mask", action="store_true", help="also write <name>_mask.png (8-bit greyscale)")
+    remove.add_argument("--format", choices=sorted(FORMAT_EXTENSIONS), default="png", help="png, or lossless webp")
+    remove.add_argument("--background", metavar="COLOR|blur|IMAGE",
+                        help="put the subject on a colour (#hex or name), the blurred original, or an image file")
+    remove.add_argument("--refine", action="store_true", help="re-estimate colours at soft edges (no halo)")
+    remove.add_argument("--recursive", "-r", action="store_true", help="look into sub-folders of folder inputs")
+    remove.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    remove.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (default 50 MP)")
+    remove.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("models", help="list the models, their licences and whether their weights are here")
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="auto", choices=["auto", *model_names()],
+                        help="auto: rmbg-2.0 if its weights resolve, else the embedded u2netp")
+    parser.add_argument("--weights", type=Path, metavar="FILE", help="a .safetensors/.pth/.bin file or a folder")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+
+
+@dataclass
+class Job:
+    source: Path
+    outputs: dict[str, Path] = field(default_factory=dict)  # "image" / "mask" -> path
+
+
+def plan_jobs(args) -> tuple[list[Job], list[str], int]:
+    """Inputs -> jobs with their output paths; returns (jobs, errors, skipped)."""
+    errors: list[str] = []
+    sources: list[Path] = []
+    for pattern in args.inputs:
+        try:
+            sources += [p for p in image_files([pattern], recursive=args.recursive) if p not in sources]
+        except FileNotFoundError as exc:
+            errors.append(f"{pattern}: {exc}")
+    jobs, taken, skipped = [], {}, 0
+    ext = FORMAT_EXTENSIONS[args.format]
+    inputs = {p.resolve() for p in sources}
+    for source in sources:
+        job = Job(source, {"image": args.output / f"{source.stem}{ext}"})
+        if args.mask:
+            job.outputs["mask"] = args.output / f"{source.stem}_mask{ext}"
+        problem = output_problem(job, taken, inputs)
+        if problem:
+            errors.append(f"{source}: {problem}")
+            continue
+        if not args.overwrite and all(p.exists() for p in job.outputs.values()):
+            skipped += 1
+            continue
+        taken.update({p.resolve(): source for p in job.outputs.values()})
+        jobs.append(job)
+    return jobs, errors, skipped
+
+
+def output_problem(job: Job, taken: dict, inputs: set) -> str | None:
+    for path in job.outputs.values():
+        resolved = path.resolve()
+        if resolved in inputs:
+            return f"its output {path} would overwrite an input; choose another -o folder"
+        if resolved in taken:
+            return f"its output {path} is also the output of {taken[resolved]} (same name); rename one"
+    return None
+
+
+def run_remove(args) -> int:
+    from .pipeline import RemovalPipeline
+    from .weights import WeightsError
+
+    jobs, errors, skipped = plan_jobs(args)
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    written = 0
+    if jobs:
+        try:
+            pipeline = RemovalPipeline(args.model, args.weights, args.device, args.dtype, batch_size=args.batch_size,
+                                       max_pixels=args.max_pixels)
+        except (WeightsError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"model: {pipeline.describe()}", file=sys.stderr)
+        written, failed = process_jobs(pipeline, jobs, args)
+        errors += failed
+    summary = f"{written} written, {len(errors)} failed, {skipped} skipped"
+    if skipped:
+        summary += " (outputs exist; --overwrite replaces them)"
+    print(summary, file=sys.stderr)
+    return 1 if errors else 0
+
+
+def process_jobs(pipeline, jobs: list[Job], args) -> tuple[int, list[str]]:
+    """Runs the jobs `batch_size` at a time; one bad input never stops the others."""
+    written, failed = 0, []
+    background = resolve_background(args.background)
+    bar = tqdm(total=len(jobs), unit="img", disable=args.quiet, file=sys.stderr)
+    for start in range(0, len(jobs), pipeline.batch_size):
+        batch, loaded = jobs[start:start + pipeline.batch_size], []
+        for job in batch:
+            try:
+                loaded.append((job, pipeline.load(job.source)))
+            except (ImageDecodeError, OSError) as exc:
+                failed.append(report(bar, job.source, exc))
+                bar.update(1)
+        if not loaded:
+            continue
+        try:
+            masks = pipeline.predict_masks([image for _, image in loaded])
+        except RuntimeError as exc:  # out of memory even at batch size 1, or a device error
+            failed += [report(bar, job.source, exc) for job, _ in loaded]
+            bar.update(len(loaded))
+            continue
+        for (job, image), mask in zip(loaded, masks):
+            try:
+                save_outputs(job, image, mask, pipeline, background, args)
+                written += 1
+            except (OSError, ValueError) as exc:
+                failed.append(report(bar, job.source, exc))
+            bar.update(1)
+    bar.close()
+    return written, failed
+
+
+def resolve_background(spec: str | None):
+    """A path to an existing file is an image background; anything else is a colour name or 'blur'."""
+    if spec is None or spec in ("transparent", "none"):
+        return None
+    if Path(spec).is_file():
+        from .imageio import load_image
+
+        return load_image(Path(spec))
+    if spec != "blur":
+        from .compose import parse_color
+
+        parse_color(spec)  # fail before any work, not once per image
+    return spec
+
+
+def save_outputs(job: Job, image, mask, pipeline, background, args) -> None:
+    from .pipeline import RemovalResult
+
+    result = RemovalResult(image, mask, pipeline.model_name, source=str(job.source))
+    todo = {kind: path for kind, path in job.outputs.items() if args.overwrite or not path.exists()}
+    if "image" in todo:
+        out = result.composite(background, refine=args.refine)
+        write_atomic(encode_image(out, args.format), todo["image"], overwrite=args.overwrite)
+    if "mask" in todo:
+        write_atomic(encode_image(mask, args.format), todo["mask"], overwrite=args.overwrite)
+
+
+def report(bar, source, exc) -> str:
+    message = f"{source}: {exc}"
+    bar.write(f"error: {message}", file=sys.stderr)
+    return message
+
+
+def run_models(_args) -> int:
+    from .weights import weights_available
+
+    for name in model_names():
+        spec = REGISTRY[name]
+        here = "available" if weights_available(name) else f"weights not found ({spec.page_url})"
+        print(f"{name:18} {spec.title} | licence: {spec.licence} | {here}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.command == "remove":
+        return run_remove(args)
+    return run_models(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The `remove` command as a user types it: real files in, real files out, bad files reported."""
+import hashlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ASSETS
+
+PHOTOS = ["chelsea.jpg", "coffee.jpg", "astronaut.jpg"]
+
+
+def rmbg(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rmbg_demo", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in PHOTOS:
+        shutil.copy(ASSETS / name, folder / name)
+    return folder
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_batch_with_bad_files_writes_the_good_ones_and_fails(photos, tmp_path):
+    (photos / "notes.jpg").write_text("<html>not a photo</html>")
+    (photos / "cut.png").write_bytes((ASSETS / "horse_mask.png").read_bytes()[:300])
+    before = digest(photos)
+    out = tmp_path / "out"
+    run = rmbg("remove", photos / "chelsea.jpg", photos / "notes.jpg", photos / "cut.png", photos / "coffee.jpg",
+               photos / "astronaut.jpg", "-o", out, "--model", "u2netp", "--device", "cpu", "--dtype", "float32",
+               "--batch-size", "2", "--mask", "--format", "png")
+    assert run.returncode == 1, run.stderr
+    assert "notes.jpg: not an image (notes.jpg)" in run.stderr
+    assert "cut.png) is truncated or corrupt" in run.stderr
+    assert "3 written, 2 failed, 0 skipped" in run.stderr
+    assert "model: U\u00b2-Net-p" in run.stderr
+    for name in PHOTOS:
+        stem = name.rsplit(".", 1)[0]
+        cut = Image.open(out / f"{stem}.png")
+        mask = Image.open(out / f"{stem}_mask.png")
+        original = Image.open(ASSETS / name)
+        assert cut.mode == "RGBA" and cut.size == original.size
+        assert mask.mode == "L" and mask.size == original.size
+        assert np.array_equal(np.asarray(cut)[..., 3], np.asarray(mask))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{n.rsplit('.', 1)[0]}{s}.png" for n in PHOTOS for s in ("", "_mask")])  # no temp files left
+    assert digest(photos) == before
+
+
+def test_existing_outputs_are_kept_unless_overwrite(photos, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "chelsea.png").write_bytes(b"precious")
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", out, "--model", "u2netp")
+    assert run.returncode == 0, run.stderr
+    assert "0 written, 0 failed, 1 skipped (outputs exist; --overwrite replaces them)" in run.stderr
+    assert (out / "chelsea.png").read_bytes() == b"precious"
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", out, "--model", "u2netp", "--overwrite")
+    assert run.returncode == 0, run.stderr
+    assert Image.open(out / "chelsea.png").mode == "RGBA"
+
+
+def test_refuses_to_write_over_its_inputs(tmp_path):
+    shutil.copy(ASSETS / "horse_mask.png", tmp_path / "horse.png")
+    before = digest(tmp_path)
+    run = rmbg("remove", tmp_path / "horse.png", "-o", tmp_path, "--model", "u2netp", "--overwrite")
+    assert run.returncode == 1
+    assert "would overwrite an input" in run.stderr
+    assert digest(tmp_path) == before
+
+
+def test_folders_recursion_and_globs(photos, tmp_path):
+    nested = photos / "more"
+    nested.mkdir()
+    shutil.copy(ASSETS / "rocket.jpg", nested / "rocket.jpg")
+    flat = rmbg("remove", photos, "-o", tmp_path / "flat", "--model", "u2netp", "-q")
+    assert flat.returncode == 0, flat.stderr
+    assert sorted(p.name for p in (tmp_path / "flat").iterdir()) == ["astronaut.png", "chelsea.png", "coffee.png"]
+    deep = rmbg("remove", photos, "--recursive", "-o", tmp_path / "deep", "--model", "u2netp", "-q")
+    assert (tmp_path / "deep" / "rocket.png").exists(), deep.stderr
+    globbed = rmbg("remove", str(photos / "c*.jpg"), "-o", tmp_path / "glob", "--model", "u2netp", "-q")
+    assert sorted(p.name for p in (tmp_path / "glob").iterdir()) == ["chelsea.png", "coffee.png"], globbed.stderr
+    missing = rmbg("remove", str(photos / "*.tiff"), "-o", tmp_path / "none", "--model", "u2netp")
+    assert missing.returncode == 1 and "*.tiff" in missing.stderr
+
+
+def test_webp_background_and_refine(photos, tmp_path):
+    out = tmp_path / "out"
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", out, "--model", "u2netp", "--format", "webp", "--refine")
+    assert run.returncode == 0, run.stderr
+    webp = Image.open(out / "chelsea.webp")
+    assert webp.format == "WEBP" and webp.mode == "RGBA" and webp.size == (451, 300)
+    run = rmbg("remove", photos / "coffee.jpg", "-o", out, "--model", "u2netp", "--background", "red")
+    assert run.returncode == 0, run.stderr
+    red = Image.open(out / "coffee.png")
+    assert red.mode == "RGB" and red.getpixel((0, 0)) == (255, 0, 0)
+    bad = rmbg("remove", photos / "coffee.jpg", "-o", tmp_path / "x", "--model", "u2netp", "--background", "nocolour")
+    assert bad.returncode != 0 and "nocolour" in bad.stderr
+
+
+def test_missing_rmbg2_weights_file_is_a_clear_error(photos, tmp_path):
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", tmp_path, "--model", "rmbg-2.0",
+               "--weights", tmp_path / "model.safetensors")
+    assert run.returncode == 2
+    assert "weights file not found" in run.stderr
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("rmbg")
+    assert exe, "`pip install .` (or -e .) gives the rmbg command"
+    run = subprocess.run([exe, "models"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0
+    assert "u2netp" in run.stdout and "available" in run.stdout and "rmbg-2.0" in run.stdout
