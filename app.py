@@ -1,0 +1,36 @@
+"""Start the demo: `python app.py [--host H] [--port P] [--share] [--model NAME] [--weights FILE] [--device D]`."""
+import argparse
+import logging
+import os
+
+from rmbg_demo.fetch import allow_private_default
+from rmbg_demo.models import model_names
+from rmbg_demo.ui import DemoConfig, build_demo
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="RMBG-2.0 background removal demo (Gradio)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--model", default="auto", choices=["auto", *model_names()],
+                        help="auto: rmbg-2.0 when its weights resolve, else the embedded u2netp")
+    parser.add_argument("--weights", help="RMBG-2.0 (or --model) weights: a .safetensors/.pth file or a folder")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--allow-private-urls", action="store_true", default=allow_private_default(),
+                        help="let the URL tab fetch loopback/private addresses (intranets, tests)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    config = DemoConfig(model=args.model, weights=args.weights, device=args.device, dtype=args.dtype,
+                        allow_private_urls=args.allow_private_urls)
+    demo = build_demo(config)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

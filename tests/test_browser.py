@@ -1,0 +1,114 @@
+"""The page in a real Chromium (Debian's, driven by Playwright): what a person does and sees."""
+import io
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ASSETS
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+TIMEOUT = 120_000  # ms; the embedded model answers in about a second, a cold server takes longer
+
+
+def chromium_missing() -> bool:
+    return not (Path(CHROMIUM).exists() or shutil.which("chromium"))
+
+
+if chromium_missing():
+    if os.environ.get("CI"):
+        pytest.fail("CI must run the browser tests: apt-get install chromium chromium-driver", pytrace=False)
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_server):
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 1400})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    page.goto(app_server.url)
+    page.get_by_text("RMBG-2.0 for background removal").first.wait_for()
+    yield page
+    context.close()
+
+
+def download(page, selector: str) -> bytes:
+    link = page.locator(f"{selector} a[download]").first
+    link.wait_for()
+    with page.expect_download() as info:
+        link.click()
+    return Path(info.value.path()).read_bytes()
+
+
+def wait_for_slider(page, prefix: str):
+    images = page.locator(f"#{prefix}-slider img")
+    page.wait_for_function(
+        f"() => [...document.querySelectorAll('#{prefix}-slider img')].filter(i => i.complete && i.naturalWidth > 0).length >= 2")
+    return images
+
+
+def assert_cutout_and_mask(png: bytes, mask: bytes, size):
+    cut = Image.open(io.BytesIO(png))
+    alpha_mask = Image.open(io.BytesIO(mask))
+    assert cut.format == "PNG" and cut.mode == "RGBA" and cut.size == size
+    assert alpha_mask.mode == "L" and alpha_mask.size == size
+    alpha = np.asarray(cut)[..., 3]
+    assert np.array_equal(alpha, np.asarray(alpha_mask))
+    assert alpha.min() == 0 and alpha.max() == 255  # some pixels removed, some kept
+
+
+def test_upload_shows_the_slider_and_downloads_png_and_mask(page, tmp_path):
+    page.locator("#input-image input[type=file]").set_input_files(str(ASSETS / "chelsea.jpg"))
+    page.locator("#run-image").click()
+    images = wait_for_slider(page, "image")
+    assert images.count() >= 2
+    assert "u2netp" in page.locator("#image-info").inner_text()
+    assert_cutout_and_mask(download(page, "#image-png"), download(page, "#image-mask-file"), (451, 300))
+    page.screenshot(path=str(tmp_path / "after-removal.png"), full_page=True)
+    if os.environ.get("UPDATE_SCREENSHOT"):
+        shutil.copy(tmp_path / "after-removal.png", ASSETS / "screenshot.png")
+
+
+def test_url_tab_against_a_local_server(page, image_server):
+    page.get_by_role("tab", name="input url").click()
+    page.locator("#input-url textarea").fill(image_server.url + "coffee.jpg")
+    page.locator("#run-url").click()
+    wait_for_slider(page, "url")
+    assert_cutout_and_mask(download(page, "#url-png"), download(page, "#url-mask-file"), (600, 400))
+
+
+def test_batch_tab_zip(page):
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-files input[type=file]").set_input_files(
+        [str(ASSETS / "chelsea.jpg"), str(ASSETS / "astronaut.jpg")])
+    page.locator("#run-batch").click()
+    page.get_by_text("2 done, 0 failed").wait_for()
+    with zipfile.ZipFile(io.BytesIO(download(page, "#batch-zip"))) as archive:
+        names = sorted(archive.namelist())
+        assert names == ["astronaut-mask.png", "astronaut-nobg.png", "chelsea-mask.png", "chelsea-nobg.png"]
+        assert Image.open(io.BytesIO(archive.read("astronaut-nobg.png"))).size == (512, 512)
+    assert page.locator("#batch-gallery img").count() >= 2
+
+
+def test_a_bad_upload_shows_a_readable_error(page, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes((ASSETS / "horse_mask.png").read_bytes()[:200])
+    page.locator("#input-image input[type=file]").set_input_files(str(bad))
+    page.locator("#run-image").click()
+    page.get_by_text("truncated or corrupt").first.wait_for()
+    assert "Traceback" not in page.content()
