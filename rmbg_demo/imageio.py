@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -52,7 +53,7 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None, where: str) -> 
             f"{max_pixels / 1e6:.1f} MP limit; raise max_pixels to allow it")
 
 
-def _open(source, where: str) -> Image.Image:
+def _open(source, where: str, max_pixels: int | None) -> Image.Image:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -76,7 +77,12 @@ def _open(source, where: str) -> Image.Image:
             f"not an image{where}: no decoder recognises this data ({len(data)} bytes starting {data[:16]!r})"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image{where} refused as a decompression bomb: {exc}") from None
+        # Pillow's own guard fired while reading the header; report it against our limit.
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(claimed.group(1)) / 1e6:.1f} MP" if claimed else "too many pixels"
+        limit = f"the {max_pixels / 1e6:.1f} MP limit" if max_pixels else "Pillow's limit"
+        raise ImageDecodeError(f"image{where} claims {size}, over {limit}; refused as a decompression bomb "
+                               f"before decoding") from None
 
 
 def _to_rgb_or_rgba(image: Image.Image) -> Image.Image:
@@ -127,7 +133,9 @@ def load_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.
     if isinstance(source, Image.Image):
         image = source
     else:
-        image = _open(source, where)
+        if max_pixels and max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+            Image.MAX_IMAGE_PIXELS = max_pixels  # a caller asked for more than Pillow's guard allows
+        image = _open(source, where, max_pixels)
     _check_pixels(image.size, max_pixels, where)
     try:
         if getattr(image, "n_frames", 1) > 1:
