@@ -53,7 +53,8 @@ def address_class(ip: str) -> str | None:
         if inner is not None:
             kind = address_class(str(inner))
             return f"{kind} (inside the IPv6 address {address})" if kind else None
-    for kind in ("loopback", "unspecified", "private", "link_local", "multicast", "reserved", "site_local"):
+    # Most specific first: Python also counts link-local and reserved ranges as "private".
+    for kind in ("loopback", "unspecified", "link_local", "multicast", "reserved", "site_local", "private"):
         if getattr(address, f"is_{kind}", False):
             return f"a {kind.replace('_', '-')} address"
     if not address.is_global:
