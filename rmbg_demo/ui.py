@@ -31,8 +31,19 @@ EXAMPLES = ["chelsea.jpg", "astronaut.jpg", "coffee.jpg", "rocket.jpg"]
 ENABLE_RMBG2 = ("To use RMBG-2.0, accept its licence at https://huggingface.co/briaai/RMBG-2.0 and set `HF_TOKEN`, "
                 "or start the app with `--weights /path/to/model.safetensors`.")
 BACKGROUNDS = ["transparent", "colour", "blur", "image"]
-# Delete our per-request outputs an hour after they were made, checking every 10 minutes.
-DELETE_CACHE = (600, 3600)
+
+
+def _seconds_pair(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
+    try:
+        frequency, age = (int(v) for v in (text or "").split(","))
+        return frequency, age
+    except ValueError:
+        return default
+
+
+# Gradio deletes the files it cached for a request this long after (checking every 10 minutes
+# by default); RMBG_DELETE_CACHE="FREQUENCY,AGE" in seconds changes both.
+DELETE_CACHE = _seconds_pair(os.environ.get("RMBG_DELETE_CACHE"), (600, 3600))
 
 try:  # On Hugging Face ZeroGPU Spaces a GPU is attached only inside functions marked with spaces.GPU.
     import spaces
@@ -138,9 +149,9 @@ class OutputFolders:
     handler returns into its own cache (cleaned by `delete_cache`); our copies are pruned here
     once they are `max_age` seconds old, so the temp folder cannot grow without bound."""
 
-    def __init__(self, max_age: float = 300.0):
+    def __init__(self, max_age: float | None = None):
         self.root = Path(tempfile.mkdtemp(prefix="rmbg-demo-"))
-        self.max_age = max_age
+        self.max_age = max_age if max_age is not None else float(os.environ.get("RMBG_OUTPUT_MAX_AGE", "300"))
 
     def new(self) -> Path:
         self.prune()
