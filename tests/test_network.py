@@ -132,3 +132,20 @@ def test_registry_lists_the_networks_and_the_embedded_model():
         build_model("nope")
     with pytest.raises(ValueError, match="onnx"):
         build_model("u2netp")
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 7])
+def test_cpu_deformable_convolution_equals_torchvision(kernel):
+    from torchvision.ops import deform_conv2d
+
+    from rmbg_demo.models.birefnet import deform_conv2d_sampled
+
+    generator = torch.Generator().manual_seed(kernel)
+    x = torch.randn(2, 8, 20, 24, generator=generator)
+    taps = kernel * kernel
+    offset = torch.randn(2, 2 * taps, 20, 24, generator=generator) * 4  # reaches past the borders too
+    mask = torch.rand(2, taps, 20, 24, generator=generator) * 2
+    weight = torch.randn(5, 8, kernel, kernel, generator=generator)
+    expected = deform_conv2d(x, offset, weight, padding=(kernel // 2, kernel // 2), mask=mask)
+    ours = deform_conv2d_sampled(x, offset, weight, mask, kernel // 2)
+    assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4)

@@ -43,6 +43,23 @@ def test_mask_equals_the_model_card_snippet(rmbg2_fixture_model):
     assert np.abs(ours - expected).max() <= 2
 
 
+def test_default_half_precision_masks_stay_within_2_of_float32(rmbg2_fixture_model):
+    import copy
+
+    from rmbg_demo.pipeline import pick_dtype
+
+    dtype = pick_dtype("auto", torch.device("cpu"))
+    if dtype == torch.float32:
+        pytest.skip("this CPU has no native bfloat16, so float32 is already the default")
+    masks = {}
+    for name in ("float32", "auto"):
+        pipeline = RemovalPipeline("rmbg-2.0", network=copy.deepcopy(rmbg2_fixture_model), device="cpu", dtype=name,
+                                   input_size=(512, 512))
+        masks[name] = np.asarray(pipeline(ASSETS / "coffee.jpg").mask, dtype=int)
+    assert pipeline.dtype == torch.bfloat16
+    assert np.abs(masks["auto"] - masks["float32"]).max() <= 2
+
+
 def iou(mask: Image.Image, truth: np.ndarray) -> float:
     predicted = np.asarray(mask) >= 128
     return float((predicted & truth).sum() / (predicted | truth).sum())
