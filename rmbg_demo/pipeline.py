@@ -150,30 +150,33 @@ class RemovalPipeline:
         """(1, 3, H, W) normalised network input from an RGB(A) image."""
         rgb = np.array(image.convert("RGB") if image.mode != "RGB" else image)  # a writable copy
         pixels = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float()
-        resized = F.interpolate(pixels, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+        resized = F.interpolate(pixels, size=self.input_size, mode="bilinear", align_corners=False,
+                                antialias=self.spec.resize_antialias)
         return (resized / 255.0 - self._mean) / self._std
 
     # -- network ----------------------------------------------------------------------
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 1, h, w) foreground probabilities at the network's resolution, float32."""
+        """(B, 1, h, w) foreground probabilities at the network's resolution, float32
+        (for "minmax" models, before their per-image stretch, which `to_mask` applies)."""
         network_input = batch.to(self.dtype) if self.spec.runtime == "torch" else batch
         out = self.network(network_input)[self.spec.output_index].float().to(self.device)
-        if self.spec.activation == "sigmoid":
-            return out.sigmoid()
-        # Probability maps stretched to 0..1 per image, as rembg and the RMBG-1.4 card do.
-        low = out.amin(dim=(1, 2, 3), keepdim=True)
-        high = out.amax(dim=(1, 2, 3), keepdim=True)
-        return (out - low) / (high - low).clamp_min(1e-8)
+        return out.sigmoid() if self.spec.activation == "sigmoid" else out
 
     # -- postprocess ------------------------------------------------------------------
-    @staticmethod
-    def to_mask(probability: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    def to_mask(self, probability: torch.Tensor, size: tuple[int, int]) -> Image.Image:
         """(1, h, w) probabilities -> 8-bit mask of `size` (width, height)."""
         width, height = size
-        # antialias=True selects Pillow's bicubic kernel (a = -0.5) in both directions.
-        resized = F.interpolate(probability[None], size=(height, width), mode="bicubic", align_corners=False,
-                                antialias=True)
+        if self.spec.mask_resize == "bicubic":
+            # antialias=True selects Pillow's bicubic kernel (a = -0.5) in both directions.
+            resized = F.interpolate(probability[None], size=(height, width), mode="bicubic", align_corners=False,
+                                    antialias=True)
+        else:
+            resized = F.interpolate(probability[None], size=(height, width), mode="bilinear", align_corners=False)
+        if self.spec.activation == "minmax":
+            # Stretched to 0..1 per image after resizing, as rembg and the RMBG-1.4 card do.
+            low, high = resized.amin(), resized.amax()
+            resized = (resized - low) / (high - low).clamp_min(1e-8)
         mask = (resized[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return Image.fromarray(mask, mode="L")
 

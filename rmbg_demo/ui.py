@@ -77,7 +77,7 @@ class Models:
 
     def __post_init__(self):
         self.default = choose_model(self.config.model, self.config.weights)
-        self.choices = [name for name in ("rmbg-2.0", "birefnet-general", "birefnet-lite", "u2netp")
+        self.choices = [name for name in ("rmbg-2.0", "birefnet-general", "birefnet-lite", "rmbg-1.4", "u2netp")
                         if name == self.default or name == "u2netp" or weights_available(name)]
         self.get(self.default)  # load at start-up, not on the first request
 

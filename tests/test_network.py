@@ -22,6 +22,7 @@ def read_layout(name):
     ("rmbg-2.0", "state_dict_keys.tsv", 754),
     ("birefnet-general", "state_dict_keys.tsv", 754),
     ("birefnet-lite", "birefnet_lite_state_dict_keys.tsv", 586),
+    ("rmbg-1.4", "rmbg14_state_dict_keys.tsv", 798),
 ])
 def test_state_dict_is_the_published_layout(name, layout, count):
     with torch.device("meta"):
@@ -64,6 +65,16 @@ def test_rmbg2_matches_published_outputs(rmbg2_fixture_model, h, w, reference):
 
 def test_lite_matches_published_outputs(lite_fixture_model):
     assert_parity(run(lite_fixture_model, 256, 256), "lite_public_256.npz")
+
+
+def test_rmbg14_matches_published_side_outputs():
+    model = build_model("rmbg-1.4")
+    assert not model.load_state_dict(parity.deterministic_state_dict(model), strict=False).missing_keys
+    with torch.no_grad():
+        outputs = model(parity.deterministic_image(256, 256) - 0.5)  # RMBG-1.4: mean 0.5, std 1
+    report = parity.compare(outputs, str(FIXTURES / "rmbg2" / "rmbg14_public_256.npz"))
+    assert len(report) == 6
+    assert all(shape == (1, 1, 256, 256) and relative < TOLERANCE for shape, _, relative in report), report
 
 
 def test_model_card_usage_works(rmbg2_fixture_model):

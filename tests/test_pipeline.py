@@ -43,6 +43,37 @@ def test_mask_equals_the_model_card_snippet(rmbg2_fixture_model):
     assert np.abs(ours - expected).max() <= 2
 
 
+def rmbg14_card_mask(model, image: Image.Image, size) -> np.ndarray:
+    """RMBG-1.4's model card pre- and post-processing, as published."""
+    import torch.nn.functional as F
+    from torchvision.transforms.functional import normalize
+
+    im = np.asarray(image)
+    im_tensor = torch.tensor(im, dtype=torch.float32).permute(2, 0, 1)
+    im_tensor = F.interpolate(torch.unsqueeze(im_tensor, 0), size=size, mode="bilinear")
+    tensor = normalize(torch.divide(im_tensor, 255.0), [0.5, 0.5, 0.5], [1.0, 1.0, 1.0])
+    with torch.no_grad():
+        result = model(tensor)[0]
+    result = torch.squeeze(F.interpolate(result, size=im.shape[:2], mode="bilinear"), 0)
+    ma, mi = torch.max(result), torch.min(result)
+    result = (result - mi) / (ma - mi)
+    return np.squeeze((result * 255).permute(1, 2, 0).cpu().data.numpy().astype(np.uint8))
+
+
+def test_rmbg14_mask_equals_its_model_card():
+    import parity
+    from rmbg_demo import build_model
+
+    model = build_model("rmbg-1.4")
+    model.load_state_dict(parity.deterministic_state_dict(model), strict=False)
+    image = Image.open(ASSETS / "coffee.jpg").convert("RGB")
+    expected = rmbg14_card_mask(model, image, (512, 512)).astype(int)
+    pipeline = RemovalPipeline("rmbg-1.4", network=model, device="cpu", dtype="float32", input_size=(512, 512))
+    ours = np.asarray(pipeline(ASSETS / "coffee.jpg").mask, dtype=int)
+    assert ours.shape == expected.shape == (400, 600) and expected.std() > 4
+    assert np.abs(ours - expected).max() <= 2
+
+
 def test_default_half_precision_masks_stay_within_2_of_float32(rmbg2_fixture_model):
     import copy
 

@@ -33,6 +33,10 @@ class ModelSpec:
     # map ("sigmoid") or a probability map to stretch to 0..1 ("minmax").
     output_index: int = -1
     activation: str = "sigmoid"
+    # Resizing as the model's own card does it: input antialiased or not; the mask back to
+    # the photo's size by "bicubic" (Pillow's, RMBG-2.0 card) or "bilinear" (RMBG-1.4 card).
+    resize_antialias: bool = True
+    mask_resize: str = "bicubic"
     notes: str = ""
     aliases: tuple[str, ...] = field(default=())
 
@@ -89,6 +93,23 @@ register(ModelSpec(
     input_size=(1024, 1024),
     builder=_birefnet("BIREFNET_LITE_CONFIG"),
     hub_repo="ZhengPeng7/BiRefNet_lite",
+))
+register(ModelSpec(
+    name="rmbg-1.4",
+    title="BRIA RMBG-1.4 (IS-Net)",
+    licence="bria-rmbg-1.4 (non-commercial; commercial use needs an agreement with BRIA)",
+    licence_url="https://huggingface.co/briaai/RMBG-1.4",
+    input_size=(1024, 1024),
+    builder=lambda: __import__("rmbg_demo.models.isnet", fromlist=["RMBG14"]).RMBG14(),
+    hub_repo="briaai/RMBG-1.4",
+    hub_files=("model.safetensors", "pytorch_model.bin"),
+    mean=(0.5, 0.5, 0.5),
+    std=(1.0, 1.0, 1.0),
+    output_index=0,
+    activation="minmax",
+    resize_antialias=False,
+    mask_resize="bilinear",
+    aliases=("rmbg1.4", "RMBG-1.4"),
 ))
 register(ModelSpec(
     name="u2netp",
