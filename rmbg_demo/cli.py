@@ -36,6 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("models", help="list the models, their licences and whether their weights are here")
+
+    evaluate = sub.add_parser("eval", help="score models against ground-truth masks (pysodmetrics)",
+                              description="Images and masks are matched by file stem; unmatched files are listed.")
+    evaluate.add_argument("images_dir", type=Path, metavar="IMAGES_DIR")
+    evaluate.add_argument("masks_dir", type=Path, metavar="MASKS_DIR")
+    evaluate.add_argument("--model", action="append", required=True, choices=model_names(), help="repeat to compare")
+    evaluate.add_argument("--weights", type=Path, metavar="FILE", help="weights, when one model is evaluated")
+    evaluate.add_argument("--csv", type=Path, metavar="FILE", help="one row per (image, model)")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+
+    bench = sub.add_parser("make-benchmark", help="paste RGBA foregrounds on backgrounds: images/ and masks/")
+    bench.add_argument("foregrounds_dir", type=Path, metavar="FOREGROUNDS_DIR")
+    bench.add_argument("backgrounds_dir", type=Path, metavar="BACKGROUNDS_DIR")
+    bench.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR")
+    bench.add_argument("-n", type=int, default=20, help="number of composites")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--size", default="640x480", help="WIDTHxHEIGHT of each composite")
+
+    compare = sub.add_parser("compare", help="a labelled collage: each image, then each model's cut-out")
+    compare.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    compare.add_argument("--model", action="append", required=True, choices=model_names())
+    compare.add_argument("-o", "--output", type=Path, required=True, metavar="COLLAGE.png")
+    compare.add_argument("--device", default="auto")
+    compare.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     return parser
 
 
@@ -191,12 +216,54 @@ def run_models(_args) -> int:
     return 0
 
 
+def run_eval(args) -> int:
+    from .evaluation import evaluate, markdown_table, write_csv
+
+    report = evaluate(args.images_dir, args.masks_dir, args.model, device=args.device, dtype=args.dtype,
+                      weights=args.weights, progress=lambda items, desc: tqdm(items, desc=desc, file=sys.stderr))
+    for path in report.unmatched_images:
+        print(f"unmatched image (no mask with its name): {path}", file=sys.stderr)
+    for path in report.unmatched_masks:
+        print(f"unmatched mask (no image with its name): {path}", file=sys.stderr)
+    print(markdown_table(report))
+    if args.csv:
+        write_csv(report, args.csv)
+    return 0 if report.rows else 1
+
+
+def run_make_benchmark(args) -> int:
+    from .evaluation import make_benchmark
+
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    names = make_benchmark(args.foregrounds_dir, args.backgrounds_dir, args.output, args.n, args.seed, (width, height))
+    print(f"{len(names)} composites in {args.output}/images and their masks in {args.output}/masks", file=sys.stderr)
+    return 0
+
+
+def run_compare(args) -> int:
+    from .evaluation import compare_collage
+    from .imageio import encode_image
+
+    collage = compare_collage(args.images, args.model, device=args.device, dtype=args.dtype)
+    write_atomic(encode_image(collage, "png"), args.output, overwrite=True)
+    print(f"collage written to {args.output}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"remove": run_remove, "models": run_models, "eval": run_eval, "make-benchmark": run_make_benchmark,
+            "compare": run_compare}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    if args.command == "remove":
-        return run_remove(args)
-    return run_models(args)
+    from .weights import WeightsError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (WeightsError, ValueError, OSError) as exc:  # missing weights, bad images, missing folders...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -251,6 +251,24 @@ class Handlers:
         return gallery, (str(archive) if archive else None), info
 
 
+    def compare(self, path, chosen=None):
+        """One image through two or more models, cut-outs side by side with each model's time."""
+        if not path:
+            raise gr.Error("upload an image to compare on")
+        chosen = [m for m in (chosen or []) if m]
+        if len(chosen) < 2:
+            raise gr.Error(f"choose at least two models to compare (available here: {', '.join(self.models.choices)})")
+        image = Settings.decode(path)
+        gallery, lines = [], ["| model | seconds |", "|---|---|"]
+        for name in chosen:
+            started = time.perf_counter()
+            result = self.run(name, [image])[0]
+            seconds = time.perf_counter() - started
+            gallery.append((result.cutout(), f"{name}: {seconds:.2f} s"))
+            lines.append(f"| {self.models.get(name).title} [{name}] | {seconds:.2f} |")
+        return gallery, "\n".join(lines)
+
+
 def write_zip(paths: list[Path], target: Path) -> Path:
     tmp = target.with_suffix(".zip.part")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
@@ -311,6 +329,17 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
             archive = gr.File(label="zip of cut-outs and masks", elem_id="batch-zip")
             batch_info = gr.Markdown(elem_id="batch-info")
             run_batch.click(handlers.batch, [files, *settings], [gallery, archive, batch_info], api_name="batch")
+        with gr.Tab("Compare"):
+            compare_image = RawImage(type="filepath", label="Image", image_mode=None, elem_id="compare-image",
+                                     sources=["upload", "clipboard"])
+            compare_models = gr.CheckboxGroup(models.choices, value=models.choices[:3], label="Models",
+                                              elem_id="compare-models")
+            run_compare = gr.Button("Compare", variant="primary", elem_id="run-compare")
+            compare_gallery = gr.Gallery(label="Cut-outs", columns=3, format="png", type="pil",
+                                         elem_id="compare-gallery")
+            compare_info = gr.Markdown(elem_id="compare-info")
+            run_compare.click(handlers.compare, [compare_image, compare_models], [compare_gallery, compare_info],
+                              api_name="compare")
     concurrency = 2 if pick_device(models.config.device).type == "cuda" else 1
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
     demo.models = models  # for tests and app.py

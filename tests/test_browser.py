@@ -112,3 +112,45 @@ def test_a_bad_upload_shows_a_readable_error(page, tmp_path):
     page.locator("#run-image").click()
     page.get_by_text("truncated or corrupt").first.wait_for()
     assert "Traceback" not in page.content()
+
+
+@pytest.fixture(scope="module")
+def compare_server(tmp_path_factory):
+    """An app that finds RMBG-1.4 weights (the parity fixture's) in its Hugging Face cache."""
+    import parity
+    from safetensors.torch import save_file
+
+    from conftest import AppServer
+    from rmbg_demo import build_model
+
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / "models--briaai--RMBG-1.4"
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    model = build_model("rmbg-1.4")
+    save_file(parity.deterministic_state_dict(model), str(repo / "snapshots" / commit / "model.safetensors"))
+    server = AppServer(env={"HF_HUB_CACHE": str(cache)}).wait()
+    yield server
+    server.stop()
+
+
+def test_compare_tab_shows_each_models_cutout_and_time(browser, compare_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 1400})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    try:
+        page.goto(compare_server.url)
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#compare-image input[type=file]").set_input_files(str(ASSETS / "astronaut.jpg"))
+        models = page.locator("#compare-models")
+        assert "rmbg-1.4" in models.inner_text() and "u2netp" in models.inner_text()
+        page.locator("#run-compare").click()
+        info = page.locator("#compare-info")
+        page.get_by_text("[rmbg-1.4]").first.wait_for()
+        text = info.inner_text()
+        assert "BRIA RMBG-1.4" in text and "[u2netp]" in text and "seconds" in text
+        assert page.locator("#compare-gallery img").count() >= 2
+    finally:
+        context.close()
