@@ -1,0 +1,227 @@
+"""Side-by-side benchmark: the RMBG-2.0 model card's snippet vs our pipeline, same network, same images.
+
+    python bench/bench.py [--images A.jpg B.jpg ...] [--weights model.safetensors] [--device cpu|cuda]
+                          [--runs 3] [--size 1024] [--batch 8] [--no-append]
+
+(a) "card": the model card's code, per image, float32, PIL/torchvision transforms,
+    `torch.set_float32_matmul_precision('high')`, on our BiRefNet.
+(b) "ours": `RemovalPipeline` at the settings it picks for the device (or --dtype).
+Without --weights the network gets the parity fixture's deterministic weights: timings do
+not depend on weight values, and the mask comparison still checks the two paths agree.
+Results are printed and appended to bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "fixtures" / "rmbg2"))
+
+from rmbg_demo import build_model, load_model  # noqa: E402
+from rmbg_demo.pipeline import RemovalPipeline  # noqa: E402
+
+DEFAULT_IMAGES = [ROOT / "assets" / n for n in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")]
+
+
+def network(args, device, dtype=None):
+    if args.weights:
+        return load_model(args.model, args.weights, device=device, dtype=dtype)
+    import parity
+
+    model = build_model(args.model)
+    model.load_state_dict(parity.deterministic_state_dict(model), strict=False)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def card_run(model, paths, size, device):
+    """The model card's snippet, per image."""
+    transform_image = transforms.Compose([
+        transforms.Resize((size, size)),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    masks, times = [], []
+    for path in paths:
+        started = time.perf_counter()
+        image = Image.open(path).convert("RGB")
+        input_images = transform_image(image).unsqueeze(0).to(device)
+        with torch.no_grad():
+            preds = model(input_images)[-1].sigmoid().cpu()
+        mask = transforms.ToPILImage()(preds[0].squeeze()).resize(image.size)
+        image.putalpha(mask)
+        image.save(Path(args_out_dir) / f"card-{Path(path).stem}.png")
+        times.append(time.perf_counter() - started)
+        masks.append(np.asarray(mask, dtype=np.int16))
+    return masks, times
+
+
+def ours_run(pipeline, paths):
+    from rmbg_demo.imageio import encode_image
+
+    masks, times = [], []
+    for path in paths:
+        started = time.perf_counter()
+        result = pipeline(path)
+        (Path(args_out_dir) / f"ours-{Path(path).stem}.png").write_bytes(encode_image(result.cutout()))
+        sync(pipeline.device)
+        times.append(time.perf_counter() - started)
+        masks.append(np.asarray(result.mask, dtype=np.int16))
+    return masks, times
+
+
+def summary(times, n_images):
+    times = sorted(times)
+    p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
+    median = statistics.median(times)
+    return {"median_s": median, "p95_s": p95, "images_per_s": 1.0 / median if median else float("inf")}
+
+
+def peak_memory(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (RSS, whole process)"
+
+
+args_out_dir = ROOT / "bench" / "out"
+
+
+def fixture_weights_file(model: str) -> Path:
+    """The parity fixture's weights as a real .safetensors file, so loading is timed as users see it."""
+    import parity
+    from safetensors.torch import save_file
+
+    path = args_out_dir / f"{model}-fixture.safetensors"
+    if not path.exists():
+        net = build_model(model)
+        save_file(parity.deterministic_state_dict(net), str(path))
+    return path
+
+
+def cli_benchmark(args) -> str:
+    """Wall time of whole commands, model loading included: the card snippet vs `rmbg remove`."""
+    import subprocess
+
+    weights = Path(args.weights) if args.weights else fixture_weights_file(args.model)
+    images = [str(p) for p in args.images]
+    commands = {
+        "model card snippet": [sys.executable, str(ROOT / "bench" / "model_card.py"), str(weights),
+                               str(args_out_dir / "card")] + images,
+        "rmbg remove (ours)": [sys.executable, "-m", "rmbg_demo", "remove", *images, "-o", str(args_out_dir / "cli"),
+                               "--model", args.model, "--weights", str(weights), "--overwrite", "-q",
+                               "--device", args.device],
+    }
+    (args_out_dir / "card").mkdir(parents=True, exist_ok=True)
+    times = {name: [] for name in commands}
+    for _ in range(args.runs):  # interleaved runs, so both see the same machine state
+        for name, command in commands.items():
+            started = time.perf_counter()
+            subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+            times[name].append(time.perf_counter() - started)
+    card, ours = (statistics.median(times[name]) for name in commands)
+    diffs = []
+    for image in args.images:
+        a = np.asarray(Image.open(args_out_dir / "card" / f"{image.stem}.png"), dtype=np.int16)[..., 3]
+        b = np.asarray(Image.open(args_out_dir / "cli" / f"{image.stem}.png"), dtype=np.int16)[..., 3]
+        diffs.append(np.abs(a - b))
+    rows = "\n".join(f"| {name} | {statistics.median(t):.1f} | {', '.join(f'{v:.1f}' for v in t)} |"
+                     for name, t in times.items())
+    return "\n".join([
+        f"## {datetime.date.today()} CLI end to end, {args.model} on {args.device} "
+        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        f"- command: `python bench/bench.py {' '.join(sys.argv[1:])}`",
+        f"- torch {torch.__version__}, Python {platform.python_version()}; weights: "
+        f"{'file' if args.weights else 'parity fixture saved as .safetensors'}; "
+        f"images: {', '.join(p.name for p in args.images)}",
+        "",
+        "| command (3 photos, model loading included) | median s | runs s |",
+        "|---|---|---|",
+        rows,
+        "",
+        f"- speed-up: {card / ours:.2f}x; alpha difference vs the card: max {max(int(d.max()) for d in diffs)}/255, "
+        f"mean {np.mean([d.mean() for d in diffs]):.3f}/255",
+        "",
+    ])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cli", action="store_true", help="time whole commands instead of per-image latency")
+    parser.add_argument("--images", nargs="+", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--model", default="rmbg-2.0")
+    parser.add_argument("--weights")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=3, help="passes over the images for each side")
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    args_out_dir.mkdir(parents=True, exist_ok=True)
+    if args.cli:
+        return report(cli_benchmark(args), args)
+    device = torch.device(args.device)
+    torch.set_float32_matmul_precision("high")
+
+    started = time.perf_counter()
+    card_model = network(args, device)
+    card_start = time.perf_counter() - started
+    started = time.perf_counter()
+    pipeline = RemovalPipeline(args.model, None, device, args.dtype, input_size=(args.size, args.size),
+                               network=network(args, device))
+    ours_start = time.perf_counter() - started
+
+    card_times, ours_times = [], []
+    for _ in range(args.runs):  # interleaved, so both sides see the same machine state
+        card_masks, t = card_run(card_model, args.images, args.size, device)
+        card_times += t
+        ours_masks, t = ours_run(pipeline, args.images)
+        ours_times += t
+    diffs = [np.abs(a - b) for a, b in zip(card_masks, ours_masks)]
+    card, ours = summary(card_times, len(args.images)), summary(ours_times, len(args.images))
+    lines = [
+        f"## {datetime.date.today()} {args.model} on {device.type} ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads)",
+        f"- command: `python bench/bench.py {' '.join(sys.argv[1:])}`",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, "
+        f"weights: {'file' if args.weights else 'parity fixture (deterministic)'}; ours: {pipeline.describe()}",
+        f"- images: {', '.join(p.name for p in args.images)}; {args.runs} runs each; input {args.size}x{args.size}",
+        "",
+        "| path | start-up s | median s/img | p95 s/img | img/s |",
+        "|---|---|---|---|---|",
+        f"| model card (fp32) | {card_start:.2f} | {card['median_s']:.3f} | {card['p95_s']:.3f} | {card['images_per_s']:.2f} |",
+        f"| ours | {ours_start:.2f} | {ours['median_s']:.3f} | {ours['p95_s']:.3f} | {ours['images_per_s']:.2f} |",
+        "",
+        f"- speed-up (median): {card['median_s'] / ours['median_s']:.2f}x; "
+        f"mask difference vs card: max {max(int(d.max()) for d in diffs)}/255, "
+        f"mean {np.mean([d.mean() for d in diffs]):.3f}/255; peak memory {peak_memory(device)}",
+        "",
+    ]
+    report("\n".join(lines), args)
+
+
+def report(text: str, args) -> None:
+    print(text)
+    if not args.no_append:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as results:
+            results.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
