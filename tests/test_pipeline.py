@@ -173,3 +173,28 @@ def test_auto_choice_falls_back_to_the_embedded_model(monkeypatch, tmp_path):
 def test_pipeline_describes_the_model_it_runs(u2netp):
     text = u2netp.describe()
     assert "u2netp" in text and "cpu" in text and "Apache-2.0" in text
+
+
+def test_out_of_memory_halves_the_batch_then_says_what_to_do(u2netp, monkeypatch):
+    # No device here runs out of memory on demand, so the error is injected for batches over one.
+    pipeline = RemovalPipeline("u2netp", device="cpu", batch_size=4, network=u2netp.network)
+    real = pipeline.probabilities
+    sizes = []
+
+    def tight_memory(batch):
+        sizes.append(len(batch))
+        if len(batch) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(batch)
+
+    monkeypatch.setattr(pipeline, "probabilities", tight_memory)
+    sources = [ASSETS / n for n in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")]
+    results = pipeline.process(sources)
+    assert sizes[0] == 4 and sizes.count(1) == 4
+    for source, result in zip(sources, results):
+        assert np.array_equal(np.asarray(result.mask), np.asarray(u2netp(source).mask))
+
+    monkeypatch.setattr(pipeline, "probabilities", lambda batch: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory (injected)")))
+    with pytest.raises(RuntimeError, match="out of memory on cpu for a single image at 320x320; try --device cpu"):
+        pipeline.process(sources[:1])

@@ -1,0 +1,85 @@
+"""Everything around the network for one 12-megapixel photo: decode, resize, compose, encode.
+
+    python bench/overhead.py [--runs 5] [--no-append]
+
+Times each stage of `RemovalPipeline` separately (median of --runs), with the network's own
+time reported beside but not counted, and the PNG encoder at zlib levels 1 (ours) and 6
+(Pillow's default) for the size/speed trade. Appends to bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rmbg_demo.compose import cutout  # noqa: E402
+from rmbg_demo.imageio import encode_image, load_image  # noqa: E402
+from rmbg_demo.pipeline import RemovalPipeline  # noqa: E402
+
+
+def twelve_megapixel_photo() -> Path:
+    path = ROOT / "bench" / "out" / "photo-12mp.jpg"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(ROOT / "assets" / "astronaut.jpg").resize((4000, 3000), Image.Resampling.LANCZOS).save(
+            path, quality=92)
+    return path
+
+
+def timed(fn, runs: int):
+    times, value = [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        value = fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), value
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    path = twelve_megapixel_photo()
+    pipeline = RemovalPipeline("u2netp", device="cpu")
+    decode_s, image = timed(lambda: load_image(path), args.runs)
+    pre_s, batch = timed(lambda: pipeline.preprocess(image), args.runs)
+    net_s, probs = timed(lambda: pipeline.probabilities(batch), args.runs)
+    post_s, mask = timed(lambda: pipeline.to_mask(probs[0], image.size), args.runs)
+    compose_s, cut = timed(lambda: cutout(image, mask), args.runs)
+    encode_s, png = timed(lambda: encode_image(cut, "png", compress_level=1), args.runs)
+    default_s, png6 = timed(lambda: encode_image(cut, "png", compress_level=6), max(1, args.runs // 2))
+    overhead = decode_s + pre_s + post_s + compose_s + encode_s
+    text = "\n".join([
+        f"## {datetime.date.today()} app overhead for a 12 MP photo ({image.width}x{image.height}), CPU "
+        f"({platform.machine()}, {torch.get_num_threads()} threads)",
+        f"- command: `python bench/overhead.py {' '.join(sys.argv[1:])}`; medians of {args.runs} runs",
+        "",
+        "| decode | preprocess | postprocess (mask resize) | compose | PNG encode (level 1) | total, network excluded |",
+        "|---|---|---|---|---|---|",
+        f"| {decode_s:.3f} s | {pre_s:.3f} s | {post_s:.3f} s | {compose_s:.3f} s | {encode_s:.3f} s | "
+        f"**{overhead:.3f} s** |",
+        "",
+        f"- network (u2netp, for scale, not counted): {net_s:.3f} s",
+        f"- PNG at zlib level 1: {encode_s:.3f} s, {len(png) / 2**20:.1f} MiB; at Pillow's default level 6: "
+        f"{default_s:.3f} s, {len(png6) / 2**20:.1f} MiB",
+        "",
+    ])
+    print(text)
+    if not args.no_append:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as results:
+            results.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
