@@ -19,7 +19,6 @@ from PIL import Image
 
 from . import fetch
 from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, encode_image, load_image, write_atomic
-from .models import get_spec
 from .pipeline import RemovalPipeline, RemovalResult, choose_model, pick_device
 from .weights import WeightsError, weights_available
 

@@ -147,3 +147,15 @@ def image_server():
     server = ImageServer()
     yield server
     server.stop()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming a huge 1-bit image, followed by a tiny compressed block."""
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    body = zlib.compress(b"\x00" * ((width + 7) // 8 + 1) * 8)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")

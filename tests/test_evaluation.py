@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import ASSETS
-from rmbg_demo.evaluation import BUILTIN_BENCHMARK, compare_collage, image_metrics, make_benchmark, match_pairs
+from rmbg_demo.evaluation import BUILTIN_BENCHMARK, compare_collage, image_metrics, match_pairs
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,12 @@
 """Every input kind and mode decodes to what the pipeline expects; bad data is refused by name."""
 import io
 import os
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ASSETS
+from conftest import ASSETS, bomb_png
 from rmbg_demo.imageio import ImageDecodeError, encode_image, image_files, load_image, write_atomic
 
 
@@ -116,15 +114,6 @@ def test_avif_is_read(photo):
     out = load_image(buffer.getvalue())
     assert out.size == photo.size and out.mode == "RGB"
     assert np.abs(np.asarray(out, int) - np.asarray(photo, int)).mean() < 12
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming a huge 1-bit image, with one tiny compressed row block."""
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    body = zlib.compress(b"\x00" * ((width + 7) // 8 + 1) * 8)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
 def test_decompression_bomb_is_refused_from_the_header():

@@ -1,7 +1,6 @@
 """The network computes what the published RMBG-2.0 / BiRefNet code computes."""
 import copy
 
-import numpy as np
 import pytest
 import torch
 
