@@ -10,9 +10,11 @@ import glob
 import io
 import os
 import re
+import struct
 import tempfile
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -148,13 +150,60 @@ def load_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.
     return _to_rgb_or_rgba(image)
 
 
-def encode_image(image: Image.Image, fmt: str = "png", *, compress_level: int = 1) -> bytes:
-    """PNG or lossless WebP.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOUR_TYPES = {"L": 0, "RGB": 2, "RGBA": 6}
+_deflate_pool: ThreadPoolExecutor | None = None
 
-    PNG at zlib level 1 with run-length matching: for a 12 MP cut-out, 0.44 s and 7.9 MiB here,
-    against 1.8 s and 6.9 MiB at Pillow's default (bench/overhead.py)."""
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+def _deflate_in_parallel(raw: memoryview, level: int) -> bytes:
+    """One zlib stream, compressed as independent slices on several threads (zlib releases the GIL).
+
+    Every slice but the last ends with a full flush, so the raw deflate pieces concatenate into a
+    valid stream; the Adler-32 trailer covers the whole input."""
+    global _deflate_pool
+    workers = max(1, min(4, os.cpu_count() or 1))
+    if _deflate_pool is None:
+        _deflate_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png-deflate")
+    step = max(1 << 20, -(-len(raw) // workers))
+    slices = [raw[start:start + step] for start in range(0, len(raw), step)] or [raw]
+
+    def deflate(index: int) -> bytes:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_RLE)
+        last = index == len(slices) - 1
+        return compressor.compress(slices[index]) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_FULL_FLUSH)
+
+    body = b"".join(_deflate_pool.map(deflate, range(len(slices))))
+    return b"\x78\x01" + body + struct.pack(">I", zlib.adler32(raw))
+
+
+def encode_png_fast(image: Image.Image, compress_level: int = 1) -> bytes:
+    """A standard 8-bit PNG of an L, RGB or RGBA image, about 3x faster than Pillow's encoder.
+
+    Every row uses the "Up" filter (computed for the whole image in one numpy call) and the
+    deflate runs on all cores: for a 12 MP cut-out, 0.14 s and 10.5 MiB here, against 0.45 s
+    and 7.9 MiB from Pillow at level 1 (bench/overhead.py prints both)."""
+    pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    rows = pixels.reshape(height, -1)
+    filtered = np.empty((height, rows.shape[1] + 1), np.uint8)
+    filtered[:, 0] = 2  # filter type "Up": each byte minus the byte above it, mod 256
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:], casting="unsafe")
+    header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOUR_TYPES[image.mode], 0, 0, 0)
+    data = _deflate_in_parallel(memoryview(filtered).cast("B"), compress_level)
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def encode_image(image: Image.Image, fmt: str = "png", *, compress_level: int = 1) -> bytes:
+    """PNG (our fast encoder for L/RGB/RGBA, Pillow's for other modes) or lossless WebP."""
     fmt = fmt.lower()
     buffer = io.BytesIO()
+    if fmt == "png" and image.mode in _PNG_COLOUR_TYPES:
+        return encode_png_fast(image, compress_level)
     if fmt == "png":
         image.save(buffer, "PNG", compress_level=compress_level, compress_type=zlib.Z_RLE)
     elif fmt == "webp":

@@ -173,11 +173,12 @@ class RemovalPipeline:
         """(1, h, w) probabilities -> 8-bit mask of `size` (width, height)."""
         width, height = size
         if self.spec.mask_resize == "bicubic":
-            # antialias=True selects Pillow's bicubic kernel (a = -0.5) in both directions.
-            resized = F.interpolate(probability[None], size=(height, width), mode="bicubic", align_corners=False,
-                                    antialias=True)
-        else:
-            resized = F.interpolate(probability[None], size=(height, width), mode="bilinear", align_corners=False)
+            # As the RMBG-2.0 card: 8 bits at the network's size (truncated, as its ToPILImage
+            # does), then Pillow's bicubic resize: its SIMD path on 8-bit images takes ~0.03 s
+            # for 12 MP where a float resize in torch took ~0.2 s.
+            small = (probability[0].clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
+            return Image.fromarray(small, "L").resize((width, height), Image.Resampling.BICUBIC)
+        resized = F.interpolate(probability[None], size=(height, width), mode="bilinear", align_corners=False)
         mask = (resized[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return Image.fromarray(mask, mode="L")
 

@@ -159,6 +159,21 @@ def test_encode_png_and_lossless_webp(photo):
         encode_image(rgba, "jpeg")
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 3), (1601, 1203)])  # the largest spans several deflate slices
+def test_fast_png_decodes_to_the_same_pixels(photo, mode, size):
+    image = photo.resize(size).convert(mode)
+    if mode == "RGBA":
+        alpha = (np.arange(size[0] * size[1]) % 256).astype(np.uint8).reshape(size[1], size[0])
+        image.putalpha(Image.fromarray(alpha, "L"))
+    data = encode_image(image, "png")
+    decoded = Image.open(io.BytesIO(data))
+    decoded.verify()  # checksums of every chunk and of the zlib stream
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.format == "PNG" and decoded.mode == mode and decoded.size == size
+    assert np.array_equal(np.asarray(decoded), np.asarray(image))
+
+
 def test_write_atomic(tmp_path):
     target = tmp_path / "sub" / "out.png"
     write_atomic(b"first", target)
