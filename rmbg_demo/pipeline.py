@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -112,11 +114,85 @@ class RemovalResult:
         return compose.replace_background(self.foreground(refine), self.mask, background)
 
 
+class RequestBatcher:
+    """Runs the network for many concurrent callers, several images at a time.
+
+    Callers decode and preprocess on their own threads, then hand their input here and wait.
+    One worker thread takes everything queued (up to `max_batch` images) and runs it as one
+    batch: a lone request starts at once, so batching adds no latency, and under load the
+    device sees full batches. A network failure reaches every caller of that batch; a bad
+    file never gets this far (it fails its own caller's decode).
+    """
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], max_batch: int, name: str = "network"):
+        self.run = run
+        self.max_batch = max(1, int(max_batch))
+        self.name = name
+        self.batches = 0  # counters, for logs and tests
+        self.largest = 0
+        self._pending: list[tuple[torch.Tensor, Future]] = []
+        self._wake = threading.Condition()
+        self._worker: threading.Thread | None = None
+
+    @property
+    def queued(self) -> int:
+        """Images waiting for the network (not counting the batch running now)."""
+        with self._wake:
+            return sum(len(batch) for batch, _ in self._pending)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) network input -> the network's (n, 1, h, w) probabilities; blocks until done."""
+        future: Future = Future()
+        with self._wake:
+            self._pending.append((batch, future))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name=f"batcher-{self.name}", daemon=True)
+                self._worker.start()
+            self._wake.notify()
+        return future.result()
+
+    def _take(self) -> list[tuple[torch.Tensor, Future]]:
+        """The oldest request, then more in arrival order while they fit in `max_batch` images."""
+        with self._wake:
+            while not self._pending:
+                self._wake.wait()
+            taken, images = [], 0
+            while self._pending and (not taken or images + len(self._pending[0][0]) <= self.max_batch):
+                taken.append(self._pending.pop(0))
+                images += len(taken[-1][0])
+            return taken
+
+    def _serve(self) -> None:
+        while True:
+            taken = self._take()
+            try:
+                out = self.run(torch.cat([batch for batch, _ in taken]) if len(taken) > 1 else taken[0][0])
+            except BaseException as exc:  # noqa: BLE001 - handed to the callers, who raise it
+                for _, future in taken:
+                    future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.largest = max(self.largest, len(out))
+            if len(taken) > 1:
+                log.info("%s: one batch of %d images for %d requests", self.name, len(out), len(taken))
+            start = 0
+            for batch, future in taken:
+                future.set_result(out[start:start + len(batch)])
+                start += len(batch)
+
+
 class RemovalPipeline:
-    """Loads one model once; turns images into masks and cut-outs, in batches, on one device."""
+    """Loads one model once; turns images into masks and cut-outs, in batches, on one device.
+
+    `batch_size`: images per network batch within one call. `batch_requests` > 1: concurrent
+    calls (the app's users) share network batches of up to that many images.
+    `compile`: a `torch.compile` backend ("inductor") to compile the network with, warmed up
+    here for every batch size it will see, so no request pays for compilation.
+    """
 
     def __init__(self, model: str | None = "auto", weights=None, device="auto", dtype="auto", batch_size: int = 1,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, input_size: tuple[int, int] | None = None, network=None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, input_size: tuple[int, int] | None = None, network=None,
+                 batch_requests: int = 1, compile: str | None = None):
         self.model_name = choose_model(model, weights)
         self.spec: ModelSpec = get_spec(self.model_name)
         self.device = pick_device(device)
@@ -131,11 +207,19 @@ class RemovalPipeline:
             dtype=self.dtype if self.spec.runtime == "torch" else None)
         if self.spec.runtime == "torch":
             self.network = self.network.to(device=self.device, dtype=self.dtype).eval()
+            if self.device.type == "cuda":
+                tune_cuda()
         self.load_seconds = time.perf_counter() - started
         self._mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
         log.info("%s on %s (%s), loaded in %.1f s", self.model_name, self.device, str(self.dtype).replace("torch.", ""),
                  self.load_seconds)
+        self.batcher = RequestBatcher(self.probabilities_within_memory, batch_requests, self.model_name) \
+            if batch_requests > 1 else None
+        self.compiled_batch_sizes: tuple[int, ...] = ()
+        self.compile_seconds = 0.0
+        if compile:
+            self.compile_network(compile, max(self.batch_size, batch_requests))
 
     @property
     def title(self) -> str:
@@ -143,7 +227,31 @@ class RemovalPipeline:
 
     def describe(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
-        return f"{self.spec.title} [{self.model_name}] on {self.device.type} ({dtype}); licence: {self.spec.licence}"
+        compiled = ", compiled" if self.compiled_batch_sizes else ""
+        return (f"{self.spec.title} [{self.model_name}] on {self.device.type} ({dtype}{compiled}); "
+                f"licence: {self.spec.licence}")
+
+    def compile_network(self, backend: str, max_batch: int) -> None:
+        """`torch.compile` with static shapes, then one warm-up pass per batch size the network
+        will see (powers of two up to `max_batch`; batches are zero-padded up to the next one)."""
+        if self.spec.runtime != "torch":
+            raise ValueError(f"compiling needs a PyTorch network; {self.model_name} is an {self.spec.runtime} "
+                             "graph run by onnxruntime")
+        started = time.perf_counter()
+        self.network = torch.compile(self.network, backend=backend, dynamic=False)
+        self.compiled_batch_sizes = compiled_batch_sizes(max_batch)
+        for size in self.compiled_batch_sizes:
+            self.probabilities(torch.zeros(size, 3, *self.input_size, device=self.device))
+        self.compile_seconds = time.perf_counter() - started
+        log.info("%s compiled (%s) for batches of %s in %.1f s", self.model_name, backend,
+                 "/".join(map(str, self.compiled_batch_sizes)), self.compile_seconds)
+
+    def _padded(self, batch: torch.Tensor) -> torch.Tensor:
+        """A compiled network's input zero-padded to the next batch size it was warmed up for."""
+        size = next((s for s in self.compiled_batch_sizes if s >= len(batch)), len(batch))
+        if size == len(batch):
+            return batch
+        return torch.cat([batch, batch.new_zeros(size - len(batch), *batch.shape[1:])])
 
     # -- preprocess -----------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -159,7 +267,9 @@ class RemovalPipeline:
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 1, h, w) foreground probabilities at the network's resolution, float32."""
         network_input = batch.to(self.dtype) if self.spec.runtime == "torch" else batch
-        out = self.network(network_input)[self.spec.output_index].float().to(self.device)
+        if self.compiled_batch_sizes:
+            network_input = self._padded(network_input)
+        out = self.network(network_input)[self.spec.output_index][:len(batch)].float().to(self.device)
         if self.spec.activation == "sigmoid":
             return out.sigmoid()
         # Probability maps stretched to 0..1 per image, as rembg and the RMBG-1.4 card do. Done
@@ -184,9 +294,10 @@ class RemovalPipeline:
 
     def predict_masks(self, images: Sequence[Image.Image]) -> list[Image.Image]:
         masks: list[Image.Image] = []
+        run = self.batcher or self.probabilities_within_memory
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            probs = self.probabilities_within_memory(torch.cat([self.preprocess(im) for im in chunk]))
+            probs = run(torch.cat([self.preprocess(im) for im in chunk]))
             masks += [self.to_mask(p, im.size) for p, im in zip(probs, chunk)]
         return masks
 
@@ -225,6 +336,19 @@ class RemovalPipeline:
     def remove(self, source, *, background=None, refine: bool = False) -> Image.Image:
         """The cut-out (RGBA), or the subject over `background` (RGB)."""
         return self(source).composite(background, refine)
+
+
+def compiled_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a compiled network is warmed up for: 1, 2, 4, ... below `max_batch`, and `max_batch`."""
+    return tuple(2**i for i in range(max_batch.bit_length()) if 2**i < max_batch) + (max_batch,)
+
+
+def tune_cuda() -> None:
+    """Settings that make fixed-size inference faster on NVIDIA GPUs: cuDNN picks the fastest
+    convolution algorithm for each shape once (every input is the same size), and float32
+    matmuls may use TF32, as the model card's `set_float32_matmul_precision('high')` does."""
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
 
 
 def _name(source) -> str | None:

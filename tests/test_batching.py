@@ -1,0 +1,108 @@
+"""Serving speed features that change how the network is called: concurrent requests sharing
+network batches, and torch.compile warmed up before the first request. Real network (BiRefNet
+lite with the parity fixture's weights), real photos, real threads."""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ASSETS
+from rmbg_demo.pipeline import RemovalPipeline, compiled_batch_sizes
+
+PHOTOS = ["chelsea.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg"]
+SIZE = (256, 256)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [Image.open(ASSETS / name).convert("RGB") for name in PHOTOS]
+
+
+@pytest.fixture(scope="module")
+def one_by_one(lite_fixture_model, photos):
+    """Each photo's mask from a plain pipeline, one image per network call."""
+    pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
+                               input_size=SIZE)
+    return [np.asarray(pipeline(photo).mask, dtype=int) for photo in photos]
+
+
+def gated(batcher, waiting_for: int):
+    """Wrap the batcher's network call so that the first batch waits until `waiting_for`
+    images are queued behind it: the next batch's make-up is then known in advance."""
+    run, sizes, first = batcher.run, [], threading.Event()
+
+    def call(batch):
+        if not first.is_set():
+            first.set()
+            for _ in range(3000):
+                if batcher.queued >= waiting_for:
+                    break
+                threading.Event().wait(0.01)
+        sizes.append(len(batch))
+        return run(batch)
+
+    batcher.run = call
+    return sizes
+
+
+def test_concurrent_requests_share_a_network_batch_and_each_gets_its_own_mask(lite_fixture_model, photos,
+                                                                              one_by_one):
+    pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
+                               input_size=SIZE, batch_requests=4)
+    sizes = gated(pipeline.batcher, waiting_for=3)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        masks = list(pool.map(lambda photo: np.asarray(pipeline(photo).mask, dtype=int), photos))
+    assert sorted(sizes) == [1, 3]  # the first alone (no waiting for company), the other three together
+    assert pipeline.batcher.batches == 2 and pipeline.batcher.largest == 3
+    for name, mask, alone in zip(PHOTOS, masks, one_by_one):
+        assert mask.shape == alone.shape, name
+        assert np.abs(mask - alone).max() <= 1, f"{name} got a mask that is not its own"
+    assert all(m.std() > 4 for m in masks), "the fixture weights must give masks with structure to compare"
+
+
+def test_requests_beyond_max_batch_wait_for_the_next_batch(lite_fixture_model, photos):
+    pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
+                               input_size=SIZE, batch_requests=2)
+    sizes = gated(pipeline.batcher, waiting_for=3)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(pipeline, photos))
+    assert sorted(sizes) == [1, 1, 2]  # 1 first, then 3 queued: 2 (the cap) and the last one
+
+
+def test_a_network_failure_reaches_its_callers_and_the_batcher_goes_on(lite_fixture_model, photos, one_by_one):
+    pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
+                               input_size=SIZE, batch_requests=4)
+    with pytest.raises(RuntimeError, match="channels"):
+        pipeline.batcher(torch.zeros(1, 5, *SIZE))  # five colour channels: the first convolution refuses
+    assert np.abs(np.asarray(pipeline(photos[0]).mask, dtype=int) - one_by_one[0]).max() <= 1
+
+
+def test_compiled_batch_sizes_cover_every_batch_up_to_the_largest():
+    assert compiled_batch_sizes(1) == (1,)
+    assert compiled_batch_sizes(8) == (1, 2, 4, 8)
+    assert compiled_batch_sizes(6) == (1, 2, 4, 6)
+
+
+def test_compiled_network_is_warmed_up_at_start_and_never_recompiles_for_a_request(lite_fixture_model, photos,
+                                                                                    one_by_one):
+    # The "eager" backend runs dynamo's capture (what decides recompiles) without inductor's
+    # C++ code generation, which takes minutes per graph on a 2-core CPU.
+    torch._dynamo.reset()
+    pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
+                               input_size=SIZE, batch_size=3, compile="eager")
+    assert pipeline.compiled_batch_sizes == (1, 2, 3)
+    assert "compiled" in pipeline.describe()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        singles = [np.asarray(pipeline(photo).mask, dtype=int) for photo in photos[:2]]
+        batched = [np.asarray(r.mask, dtype=int) for r in pipeline.process(photos)]  # batches of 3, then 1
+    for mask, alone in zip(singles + batched, one_by_one[:2] + one_by_one):
+        assert np.abs(mask - alone).max() <= 1
+    torch._dynamo.reset()
+
+
+def test_compile_refuses_a_model_torch_cannot_compile():
+    with pytest.raises(ValueError, match="onnx"):
+        RemovalPipeline("u2netp", device="cpu", compile="inductor")
