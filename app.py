@@ -1,4 +1,5 @@
-"""Start the demo: `python app.py [--host H] [--port P] [--share] [--model NAME] [--weights FILE] [--device D]`."""
+"""Start the demo: `python app.py [--host H] [--port P] [--share] [--model NAME] [--weights FILE] [--device D]
+[--max-batch N] [--compile]`."""
 import argparse
 import logging
 import os
@@ -18,6 +19,11 @@ def parse_args(argv=None):
     parser.add_argument("--weights", help="RMBG-2.0 (or --model) weights: a .safetensors/.pth file or a folder")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--max-batch", type=int, metavar="N",
+                        help="concurrent requests share network batches of up to N images "
+                             "(default: 8 on a GPU, 1 = off on the CPU)")
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                        help="torch.compile the network (default backend: inductor), warmed up before serving")
     parser.add_argument("--allow-private-urls", action="store_true", default=allow_private_default(),
                         help="let the URL tab fetch loopback/private addresses (intranets, tests)")
     return parser.parse_args(argv)
@@ -27,7 +33,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     config = DemoConfig(model=args.model, weights=args.weights, device=args.device, dtype=args.dtype,
-                        allow_private_urls=args.allow_private_urls)
+                        allow_private_urls=args.allow_private_urls, max_batch=args.max_batch, compile=args.compile)
     demo = build_demo(config)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from . import fetch
 from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, encode_image, load_image, write_atomic
+from .models import get_spec
 from .pipeline import RemovalPipeline, RemovalResult, choose_model, pick_device
 from .weights import WeightsError, weights_available
 
@@ -48,7 +49,10 @@ try:  # On Hugging Face ZeroGPU Spaces a GPU is attached only inside functions m
     import spaces
 
     gpu = spaces.GPU
+    ON_ZEROGPU = True
 except ImportError:
+    ON_ZEROGPU = False
+
     def gpu(fn):
         return fn
 
@@ -61,7 +65,17 @@ class DemoConfig:
     dtype: str = "auto"
     allow_private_urls: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    batch_size: int = 4
+    batch_size: int = 4  # images per network batch in the Batch tab
+    # Concurrent requests share network batches of up to this many images; None: 8 on a
+    # dedicated GPU, 1 (off) on the CPU, where a batch takes as long as its images one by one,
+    # and on ZeroGPU, where the GPU exists only inside each request's own call.
+    max_batch: int | None = None
+    compile: str | None = None  # a torch.compile backend ("inductor"), warmed up at start-up
+
+    def request_batch(self) -> int:
+        if self.max_batch is not None:
+            return max(1, self.max_batch)
+        return 8 if pick_device(self.device).type == "cuda" and not ON_ZEROGPU else 1
 
 
 @dataclass
@@ -86,11 +100,13 @@ class Models:
             raise gr.Error(f"model {name!r} is not available here; choose one of: {', '.join(self.choices)}")
         with self._lock:
             if name not in self._pipelines:
-                weights = self.config.weights if name == self.default else None
+                config = self.config
+                weights = config.weights if name == self.default else None
+                compile_backend = config.compile if get_spec(name).runtime == "torch" else None
                 try:
-                    self._pipelines[name] = RemovalPipeline(name, weights, self.config.device, self.config.dtype,
-                                                            batch_size=self.config.batch_size,
-                                                            max_pixels=self.config.max_pixels)
+                    self._pipelines[name] = RemovalPipeline(
+                        name, weights, config.device, config.dtype, batch_size=config.batch_size,
+                        max_pixels=config.max_pixels, batch_requests=config.request_batch(), compile=compile_backend)
                 except WeightsError as exc:
                     raise gr.Error(str(exc)) from exc
             return self._pipelines[name]
@@ -188,18 +204,31 @@ class Handlers:
 
     @staticmethod
     @gpu
-    def _run(pipeline: RemovalPipeline, sources: list) -> list[RemovalResult]:
-        return pipeline.process(sources)
+    def _predict(pipeline: RemovalPipeline, images: list[Image.Image]) -> list[Image.Image]:
+        return pipeline.predict_masks(images)
 
-    def run(self, model: str, sources: list) -> list[RemovalResult]:
-        pipeline = self.models.get(model)
+    @staticmethod
+    def decode(pipeline: RemovalPipeline, source) -> Image.Image:
         try:
-            return self._run(pipeline, sources)
+            return pipeline.load(source)
         except ImageDecodeError as exc:
             raise gr.Error(str(exc)) from exc
+
+    def masks(self, pipeline: RemovalPipeline, images: list[Image.Image]) -> list[Image.Image]:
+        try:
+            return self._predict(pipeline, images)
         except RuntimeError as exc:
             log.exception("inference failed")
             raise gr.Error(f"inference failed on {pipeline.device}: {exc}") from exc
+
+    def run(self, model: str, sources: list) -> list[RemovalResult]:
+        """Decode each source (a bad one raises its own readable error), then mask them together."""
+        pipeline = self.models.get(model)
+        images = [self.decode(pipeline, source) for source in sources]
+        started = time.perf_counter()
+        masks = self.masks(pipeline, images)
+        seconds = (time.perf_counter() - started) / len(images)
+        return [RemovalResult(image, mask, pipeline.model_name, seconds) for image, mask in zip(images, masks)]
 
     def single(self, source, stem: str, settings: Settings):
         started = time.perf_counter()
@@ -235,15 +264,29 @@ class Handlers:
         settings = Settings(model, background, colour, background_image, refine, fmt)
         folder, gallery, errors, outputs = self.folders.new(), [], [], []
         pipeline = self.models.get(model)
-        for path in files:
-            name = Path(path).name
+        for start in range(0, len(files), pipeline.batch_size):  # bounded memory, full network batches
+            decoded = []
+            for path in files[start:start + pipeline.batch_size]:
+                try:
+                    decoded.append((Path(path).name, self.decode(pipeline, path)))
+                except gr.Error as exc:  # one bad file must not sink the batch
+                    errors.append(f"{Path(path).name}: {exc.message}")
+            if not decoded:
+                continue
             try:
-                result = self.run(model, [path])[0]
-                out, image_path, mask_path = write_result(result, settings, safe_stem(name), folder)
+                masks = self.masks(pipeline, [image for _, image in decoded])
+            except gr.Error as exc:
+                errors += [f"{name}: {exc.message}" for name, _ in decoded]
+                continue
+            for (name, image), mask in zip(decoded, masks):
+                result = RemovalResult(image, mask, pipeline.model_name)
+                try:
+                    out, image_path, mask_path = write_result(result, settings, safe_stem(name), folder)
+                except gr.Error as exc:
+                    errors.append(f"{name}: {exc.message}")
+                    continue
                 gallery.append((out, name))
                 outputs += [image_path, mask_path]
-            except gr.Error as exc:  # one bad file must not sink the batch
-                errors.append(f"{name}: {exc.message}")
         archive = write_zip(outputs, folder / "rmbg-batch.zip") if outputs else None
         info = f"**Model:** {pipeline.describe()}  \n{len(gallery)} done, {len(errors)} failed"
         info += "".join(f"  \n- {e}" for e in errors)
@@ -339,7 +382,10 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
             compare_info = gr.Markdown(elem_id="compare-info")
             run_compare.click(handlers.compare, [compare_image, compare_models], [compare_gallery, compare_info],
                               api_name="compare")
-    concurrency = 2 if pick_device(models.config.device).type == "cuda" else 1
+    # Requests that share a network batch must be in flight together; on a GPU, two at least
+    # let one request decode and encode while another runs the network.
+    on_gpu = pick_device(models.config.device).type == "cuda"
+    concurrency = max(models.config.request_batch(), 2 if on_gpu else 1)
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
     demo.models = models  # for tests and app.py
     return demo

@@ -1,4 +1,5 @@
 """The running app against hostile files and load, through gradio_client on 127.0.0.1."""
+import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,12 +99,38 @@ def unique_inputs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def test_concurrent_requests_in_shared_network_batches_hostile_files_among_them(tmp_path):
+    """With request batching on, a bad upload fails alone: the good requests around it are answered."""
+    server = AppServer("--model", "u2netp", "--max-batch", "4").wait()
+    try:
+        client = Client(server.url, verbose=False)
+        uploads = []
+        for i, name in enumerate(["chelsea.jpg", "page.png", "coffee.jpg", "half.jpg", "astronaut.jpg", "rocket.jpg"]):
+            if name in HOSTILE:
+                path = tmp_path / name
+                path.write_bytes(HOSTILE[name][0])
+            else:
+                path = ASSETS / name
+            uploads.append((name, client.submit(handle_file(str(path)), api_name="/image")))
+        for name, job in uploads:
+            if name in HOSTILE:
+                with pytest.raises(Exception, match=HOSTILE[name][1]):
+                    job.result(timeout=120)
+            else:
+                cut = np.asarray(Image.open(job.result(timeout=120)[1]))
+                assert np.array_equal(cut[..., :3], np.asarray(Image.open(ASSETS / name).convert("RGB"))), name
+        assert server.alive()
+    finally:
+        server.stop()
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
 def test_load_every_answer_is_its_own_and_memory_and_temp_files_level_off(tmp_path):
-    """8 concurrent clients, 200 requests, bounded in count and time, all on 127.0.0.1."""
+    """8 concurrent clients, 200 requests, bounded in count and time, all on 127.0.0.1; requests
+    share network batches of up to 4 images."""
     scratch = Path(tempfile.mkdtemp(prefix="rmbg-load-"))
     (scratch / "tmp").mkdir()
-    server = AppServer("--model", "u2netp", env={
+    server = AppServer("--model", "u2netp", "--max-batch", "4", env={
         "TMPDIR": str(scratch / "tmp"), "GRADIO_TEMP_DIR": str(scratch / "gradio"),
         "RMBG_DELETE_CACHE": "5,10", "RMBG_OUTPUT_MAX_AGE": "10"}).wait()
     inputs = unique_inputs(tmp_path, 200)
@@ -126,9 +153,12 @@ def test_load_every_answer_is_its_own_and_memory_and_temp_files_level_off(tmp_pa
         clients[0].predict(handle_file(str(inputs[0])), api_name="/image")  # prunes our folders
         time.sleep(1)
         after = (rss_mib(server.process.pid), *folder_usage(scratch))
+        shared = re.findall(r"one batch of (\d) images for \d requests", server.output())
     finally:
         server.stop()
     print("\nrequests, RSS MiB, temp files, temp bytes:", *samples, "after idle:", after, sep="\n  ")
+    print(f"network batches shared by several requests: {len(shared)}, largest {max(shared, default=1)}")
+    assert shared and max(int(n) for n in shared) <= 4  # requests did share batches, never over the cap
     (_, rss_100, _, _), (_, rss_200, files_200, bytes_200) = samples[1], samples[3]
     assert rss_200 - rss_100 < 150, samples  # resident memory levels off after warm-up
     assert after[1] < files_200 / 4 and after[2] < bytes_200 / 4, (samples, after)  # temp files are cleaned
