@@ -1,11 +1,15 @@
 """Side-by-side benchmark: the RMBG-2.0 model card's snippet vs our pipeline, same network, same images.
 
     python bench/bench.py [--images A.jpg B.jpg ...] [--weights model.safetensors] [--device cpu|cuda]
-                          [--runs 3] [--size 1024] [--batch 8] [--no-append]
+                          [--runs 3] [--size 1024] [--concurrent 8] [--compile] [--profile] [--no-append]
+    python bench/bench.py --cli [--runs 3]       # whole commands, model loading included
 
 (a) "card": the model card's code, per image, float32, PIL/torchvision transforms,
     `torch.set_float32_matmul_precision('high')`, on our BiRefNet.
-(b) "ours": `RemovalPipeline` at the settings it picks for the device (or --dtype).
+(b) "ours": `RemovalPipeline` at the settings it picks for the device (or --dtype), one
+    request at a time (latency), then --concurrent N requests at once sharing network batches
+    (throughput, as the app serves N users; 8 by default on a GPU, off on the CPU).
+--profile writes the top operators of one of our forward passes to bench/out/profile-<device>.txt.
 Without --weights the network gets the parity fixture's deterministic weights: timings do
 not depend on weight values, and the mask comparison still checks the two paths agree.
 Results are printed and appended to bench/RESULTS.md.
@@ -19,6 +23,7 @@ import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +92,29 @@ def ours_run(pipeline, paths):
     return masks, times
 
 
+def concurrent_run(pipeline, paths, clients: int, rounds: int) -> float:
+    """`clients` threads each sending one image at a time, as that many app users would; images/s."""
+    work = [path for _ in range(rounds) for path in paths] * clients
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        started = time.perf_counter()
+        list(pool.map(lambda path: pipeline(path).mask, work))
+        sync(pipeline.device)
+        return len(work) / (time.perf_counter() - started)
+
+
+def profile_forward(pipeline, path) -> str:
+    """The top operators of one forward pass of ours, by time on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = pipeline.preprocess(pipeline.load(path))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pipeline.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        pipeline.probabilities(batch)
+        sync(pipeline.device)
+    key = "self_cuda_time_total" if pipeline.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30)
+
+
 def summary(times, n_images):
     times = sorted(times)
     p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
@@ -94,10 +122,16 @@ def summary(times, n_images):
     return {"median_s": median, "p95_s": p95, "images_per_s": 1.0 / median if median else float("inf")}
 
 
-def peak_memory(device) -> str:
+def reset_peak_memory(device) -> None:
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (RSS, whole process)"
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> str:
+    """Since the last reset on CUDA; on the CPU the whole process's peak RSS (both sides)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (process)"
 
 
 args_out_dir = ROOT / "bench" / "out"
@@ -171,49 +205,83 @@ def main():
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=3, help="passes over the images for each side")
+    parser.add_argument("--concurrent", type=int, metavar="N",
+                        help="also time N concurrent requests sharing network batches (default: 8 on CUDA, 0 on CPU)")
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                        help="torch.compile our network (start-up then includes compiling and warm-up)")
+    parser.add_argument("--profile", action="store_true", help="write a profile of one of our forward passes")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     args_out_dir.mkdir(parents=True, exist_ok=True)
     if args.cli:
         return report(cli_benchmark(args), args)
     device = torch.device(args.device)
+    concurrent = args.concurrent if args.concurrent is not None else (8 if device.type == "cuda" else 0)
     torch.set_float32_matmul_precision("high")
 
     started = time.perf_counter()
     card_model = network(args, device)
+    sync(device)
     card_start = time.perf_counter() - started
     started = time.perf_counter()
     pipeline = RemovalPipeline(args.model, None, device, args.dtype, input_size=(args.size, args.size),
-                               network=network(args, device))
+                               network=network(args, device), batch_requests=max(1, concurrent),
+                               compile=args.compile)
+    sync(device)
     ours_start = time.perf_counter() - started
 
-    card_times, ours_times = [], []
+    card_times, ours_times, memory = [], [], {}
     for _ in range(args.runs):  # interleaved, so both sides see the same machine state
+        reset_peak_memory(device)
         card_masks, t = card_run(card_model, args.images, args.size, device)
         card_times += t
+        memory["card"] = peak_memory(device)
+        reset_peak_memory(device)
         ours_masks, t = ours_run(pipeline, args.images)
         ours_times += t
+        memory["ours"] = peak_memory(device)
     diffs = [np.abs(a - b) for a, b in zip(card_masks, ours_masks)]
     card, ours = summary(card_times, len(args.images)), summary(ours_times, len(args.images))
+    rows = [
+        f"| model card (fp32) | 1 | {card_start:.2f} | {card['median_s']:.3f} | {card['p95_s']:.3f} | "
+        f"{card['images_per_s']:.2f} | {memory['card']} |",
+        f"| ours | 1 | {ours_start:.2f} | {ours['median_s']:.3f} | {ours['p95_s']:.3f} | "
+        f"{ours['images_per_s']:.2f} | {memory['ours']} |",
+    ]
+    if concurrent > 1:
+        del card_model
+        reset_peak_memory(device)
+        throughput = concurrent_run(pipeline, args.images, concurrent, args.runs)
+        rows.append(f"| ours, {concurrent} concurrent requests (largest shared batch {pipeline.batcher.largest}) | "
+                    f"{concurrent} | | | | {throughput:.2f} | {peak_memory(device)} |")
     lines = [
-        f"## {datetime.date.today()} {args.model} on {device.type} ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads)",
+        f"## {datetime.date.today()} {args.model} on {device_name(device)}",
         f"- command: `python bench/bench.py {' '.join(sys.argv[1:])}`",
         f"- torch {torch.__version__}, Python {platform.python_version()}, "
         f"weights: {'file' if args.weights else 'parity fixture (deterministic)'}; ours: {pipeline.describe()}",
-        f"- images: {', '.join(p.name for p in args.images)}; {args.runs} runs each; input {args.size}x{args.size}",
+        f"- images: {', '.join(p.name for p in args.images)}; {args.runs} runs each; input {args.size}x{args.size}; "
+        "latency = one request, file to PNG",
         "",
-        "| path | start-up s | median s/img | p95 s/img | img/s |",
-        "|---|---|---|---|---|",
-        f"| model card (fp32) | {card_start:.2f} | {card['median_s']:.3f} | {card['p95_s']:.3f} | {card['images_per_s']:.2f} |",
-        f"| ours | {ours_start:.2f} | {ours['median_s']:.3f} | {ours['p95_s']:.3f} | {ours['images_per_s']:.2f} |",
+        "| path | requests at once | start-up s | median s/img | p95 s/img | img/s | peak memory |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
         "",
-        f"- speed-up (median): {card['median_s'] / ours['median_s']:.2f}x; "
+        f"- speed-up (median latency): {card['median_s'] / ours['median_s']:.2f}x; "
         f"mask difference vs card: max {max(int(d.max()) for d in diffs)}/255, "
-        f"mean {np.mean([d.mean() for d in diffs]):.3f}/255; peak memory {peak_memory(device)}",
+        f"mean {np.mean([d.mean() for d in diffs]):.3f}/255",
         "",
     ]
+    if args.profile:
+        path = args_out_dir / f"profile-{device.type}.txt"
+        path.write_text(profile_forward(pipeline, args.images[0]))
+        lines.insert(-1, f"- profile of one forward pass: {path.relative_to(ROOT)}")
     report("\n".join(lines), args)
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def report(text: str, args) -> None:
