@@ -8,6 +8,7 @@ environment variable (`RMBG_WEIGHTS` for RMBG-2.0); the Hugging Face hub through
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -171,9 +172,30 @@ def load_model(name: str, weights: str | os.PathLike | None = None, device=None,
 
         return U2NetPOnnx(weights)
     path = resolve_weights(name, weights)
-    model = build_model(name)
+    with torch.device("meta"):  # no storage, no random initialisation: it took longer than reading the file
+        model = build_model(name)
     state = strip_wrapper_prefixes(read_state_dict(path), set(model.state_dict()))
     check_state_dict(model, state, str(path))
-    model.load_state_dict({k: v for k, v in state.items()}, strict=False)
+    own = model.state_dict()
+    # The network's own dtypes (float32 parameters, int64 buffers), whatever the file stored.
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False, assign=True)
+    derive_missing_buffers(model)
     log.info("loaded %s from %s", spec.name, path)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def derive_missing_buffers(model: nn.Module) -> None:
+    """Compute the buffers a checkpoint may leave out (DERIVED_SUFFIXES), still empty after loading."""
+    from .models.swin import relative_position_index
+
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if not buffer.is_meta:
+                continue
+            if name == "relative_position_index":
+                value = relative_position_index(math.isqrt(buffer.shape[0]))
+            elif name == "num_batches_tracked":
+                value = torch.zeros((), dtype=torch.long)
+            else:
+                raise WeightsError(f"buffer {name!r} of {type(module).__name__} is neither loaded nor derivable")
+            setattr(module, name, value)
