@@ -97,7 +97,9 @@ class WindowAttention(nn.Module):
     def position_bias(self, dtype) -> torch.Tensor:
         n = self.relative_position_index.shape[0]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, self.num_heads).permute(2, 0, 1).to(dtype)  # heads, N, N
+        # Contiguous, so that adding the shift mask gives a contiguous mask too: attention would
+        # otherwise copy that (windows, heads, N, N) mask once more in every shifted block.
+        return bias.view(n, n, self.num_heads).permute(2, 0, 1).to(dtype).contiguous()  # heads, N, N
 
     def forward(self, windows: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
         """windows: (B, nW, N, C); shift_mask: (nW, 1, N, N) or None."""
