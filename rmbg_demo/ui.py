@@ -383,7 +383,9 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
             run_compare.click(handlers.compare, [compare_image, compare_models], [compare_gallery, compare_info],
                               api_name="compare")
     # Requests that share a network batch must be in flight together; on a GPU, two at least
-    # let one request decode and encode while another runs the network.
+    # let one request decode and encode while another runs the network. (Gradio's own batched
+    # events are not used: an exception there fails every request of the batch, so one bad
+    # upload would fail the users batched with it. RequestBatcher batches after decoding.)
     on_gpu = pick_device(models.config.device).type == "cuda"
     concurrency = max(models.config.request_batch(), 2 if on_gpu else 1)
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
