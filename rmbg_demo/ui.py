@@ -45,6 +45,43 @@ def _seconds_pair(text: str | None, default: tuple[int, int]) -> tuple[int, int]
 # by default); RMBG_DELETE_CACHE="FREQUENCY,AGE" in seconds changes both.
 DELETE_CACHE = _seconds_pair(os.environ.get("RMBG_DELETE_CACHE"), (600, 3600))
 
+
+def delete_cached_files(blocks: gr.Blocks, age: float | None) -> None:
+    """Gradio's periodic cache cleaning, made safe while requests run.
+
+    Gradio's own version iterates over its live sets of cached files; a request that adds a
+    file meanwhile raises "Set changed size during iteration", which ends the cleaning task
+    for good, and the cache then grows until the server restarts (seen under load). This one
+    walks a snapshot of each set. `age` None deletes everything (at shutdown).
+    """
+    keep = set()
+    for component in blocks.blocks.values():
+        keep.update(getattr(component, "keep_in_cache", ()))
+    now = time.time()
+    for cached in blocks.temp_file_sets:
+        gone = set()
+        for file in list(cached):
+            if file in keep:
+                continue
+            try:
+                if age is None or now - os.lstat(file).st_ctime > age:
+                    os.remove(file)
+                    gone.add(file)
+            except FileNotFoundError:
+                gone.add(file)
+        cached.difference_update(gone)
+
+
+def guard_cache_cleaning() -> None:
+    """Have Gradio's scheduled cleaning call `delete_cached_files` (it looks the function up
+    by name in `gradio.route_utils` on every round)."""
+    from gradio import route_utils
+
+    if not hasattr(route_utils, "delete_files_created_by_app"):
+        log.warning("gradio.route_utils.delete_files_created_by_app is gone; cache cleaning is Gradio's own")
+        return
+    route_utils.delete_files_created_by_app = delete_cached_files
+
 try:  # On Hugging Face ZeroGPU Spaces a GPU is attached only inside functions marked with spaces.GPU.
     import spaces
 
@@ -345,6 +382,7 @@ def result_outputs(label: str, prefix: str) -> list:
 
 
 def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
+    guard_cache_cleaning()
     models = Models(config or DemoConfig())
     handlers = Handlers(models)
     with gr.Blocks(title=TITLE, delete_cache=DELETE_CACHE) as demo:

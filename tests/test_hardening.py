@@ -162,3 +162,43 @@ def test_load_every_answer_is_its_own_and_memory_and_temp_files_level_off(tmp_pa
     (_, rss_100, _, _), (_, rss_200, files_200, bytes_200) = samples[1], samples[3]
     assert rss_200 - rss_100 < 150, samples  # resident memory levels off after warm-up
     assert after[1] < files_200 / 4 and after[2] < bytes_200 / 4, (samples, after)  # temp files are cleaned
+
+
+def test_cache_cleaning_goes_on_while_requests_add_files(tmp_path):
+    """Gradio's scheduled cleaner walks its live set of cached files; a request that caches a
+    file meanwhile used to end the cleaning for good ("Set changed size during iteration")."""
+    import threading
+
+    import gradio as gr
+    from gradio import route_utils
+
+    from rmbg_demo.ui import guard_cache_cleaning
+
+    guard_cache_cleaning()
+    with gr.Blocks() as demo:
+        gr.Markdown("cache")
+    cached = set()
+    for i in range(3000):
+        (tmp_path / f"old{i}").touch()
+        cached.add(str(tmp_path / f"old{i}"))
+    demo.temp_file_sets.append(cached)
+    time.sleep(1.2)
+    cleaning_done = threading.Event()
+
+    def request_traffic():
+        for i in range(200_000):  # bounded; stops as soon as the cleaning round is over
+            if cleaning_done.is_set():
+                return
+            (tmp_path / f"new{i}").touch()
+            cached.add(str(tmp_path / f"new{i}"))
+
+    traffic = threading.Thread(target=request_traffic)
+    traffic.start()
+    try:
+        route_utils.delete_files_created_by_app(demo, 1)  # the name Gradio's scheduler calls
+    finally:
+        cleaning_done.set()
+        traffic.join()
+    assert not list(tmp_path.glob("old*")) and not any("old" in f for f in cached)
+    new_files = list(tmp_path.glob("new*"))
+    assert new_files and all(str(f) in cached for f in new_files)  # young files are kept, and still tracked
