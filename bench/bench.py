@@ -231,35 +231,37 @@ def main():
     concurrent = args.concurrent if args.concurrent is not None else (8 if device.type == "cuda" else 0)
     torch.set_float32_matmul_precision("high")
 
-    started = time.perf_counter()
-    card_model = network(args, device)
-    sync(device)
-    card_start = time.perf_counter() - started
-    started = time.perf_counter()
-    pipeline = RemovalPipeline(args.model, None, device, args.dtype, input_size=(args.size, args.size),
-                               network=network(args, device), batch_requests=max(1, concurrent),
-                               compile=args.compile)
-    sync(device)
-    ours_start = time.perf_counter() - started
+    def timed_start(build):
+        started = time.perf_counter()
+        built = build()
+        sync(device)
+        return built, time.perf_counter() - started
 
-    card_times, ours_times, memory = [], [], {}
-    for _ in range(args.runs):  # interleaved, so both sides see the same machine state
-        reset_peak_memory(device)
-        card_masks, t = card_run(card_model, args.images, args.size, device)
-        card_times += t
-        memory["card"] = peak_memory(device)
-        reset_peak_memory(device)
-        ours_masks, t = ours_run(pipeline, args.images)
-        ours_times += t
-        memory["ours"] = peak_memory(device)
+    card_model, card_start = timed_start(lambda: network(args, device))
+    pipeline, ours_start = timed_start(lambda: RemovalPipeline(
+        args.model, None, device, args.dtype, input_size=(args.size, args.size), network=network(args, device),
+        batch_requests=max(1, concurrent), compile=args.compile))
+    # name -> (start-up seconds, one pass over the images returning (masks, seconds per image))
+    sides = {"model card (fp32)": (card_start, lambda: card_run(card_model, args.images, args.size, device)),
+             "ours": (ours_start, lambda: ours_run(pipeline, args.images))}
+    if args.compile:  # the same settings without compiling, side by side
+        eager, eager_start = timed_start(lambda: RemovalPipeline(
+            args.model, None, device, args.dtype, input_size=(args.size, args.size), network=network(args, device)))
+        sides["ours, not compiled"] = (eager_start, lambda: ours_run(eager, args.images))
+
+    times, masks, memory = {name: [] for name in sides}, {}, {}
+    for _ in range(args.runs):  # interleaved, so every side sees the same machine state
+        for name, (_, run) in sides.items():
+            reset_peak_memory(device)
+            masks[name], t = run()
+            times[name] += t
+            memory[name] = peak_memory(device)
+    card_masks, ours_masks = masks["model card (fp32)"], masks["ours"]
     reference = ours_masks if pipeline.dtype == torch.float32 else float32_masks(args, device, args.images)
-    card, ours = summary(card_times, len(args.images)), summary(ours_times, len(args.images))
-    rows = [
-        f"| model card (fp32) | 1 | {card_start:.2f} | {card['median_s']:.3f} | {card['p95_s']:.3f} | "
-        f"{card['images_per_s']:.2f} | {memory['card']} |",
-        f"| ours | 1 | {ours_start:.2f} | {ours['median_s']:.3f} | {ours['p95_s']:.3f} | "
-        f"{ours['images_per_s']:.2f} | {memory['ours']} |",
-    ]
+    stats = {name: summary(t, len(args.images)) for name, t in times.items()}
+    card, ours = stats["model card (fp32)"], stats["ours"]
+    rows = [f"| {name} | 1 | {sides[name][0]:.2f} | {st['median_s']:.3f} | {st['p95_s']:.3f} | "
+            f"{st['images_per_s']:.2f} | {memory[name]} |" for name, st in stats.items()]
     if concurrent > 1:
         del card_model
         reset_peak_memory(device)
@@ -283,6 +285,10 @@ def main():
         f"vs our pipeline in float32: {difference(reference, ours_masks)}",
         "",
     ]
+    if args.compile:
+        eager = stats["ours, not compiled"]
+        lines.insert(-1, f"- compiled vs not compiled (median latency): {eager['median_s'] / ours['median_s']:.2f}x; "
+                         f"compiling and warm-up: {ours_start - sides['ours, not compiled'][0]:.1f} s")
     if args.profile:
         path = args_out_dir / f"profile-{device.type}.txt"
         path.write_text(profile_forward(pipeline, args.images[0]))
