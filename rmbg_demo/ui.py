@@ -234,6 +234,16 @@ def safe_stem(name: str | None, fallback: str = "image") -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:60]
 
 
+def unique_stem(name: str, taken: set[str]) -> str:
+    """`safe_stem(name)`, numbered when an earlier file of the same batch had the same one."""
+    stem, n = safe_stem(name), 1
+    while stem in taken:
+        n += 1
+        stem = f"{safe_stem(name)}-{n}"
+    taken.add(stem)
+    return stem
+
+
 class Handlers:
     def __init__(self, models: Models):
         self.models = models
@@ -299,7 +309,7 @@ class Handlers:
         if not files:
             raise gr.Error("add one or more images first")
         settings = Settings(model, background, colour, background_image, refine, fmt)
-        folder, gallery, errors, outputs = self.folders.new(), [], [], []
+        folder, gallery, errors, outputs, stems = self.folders.new(), [], [], [], set()
         pipeline = self.models.get(model)
         for start in range(0, len(files), pipeline.batch_size):  # bounded memory, full network batches
             decoded = []
@@ -318,7 +328,7 @@ class Handlers:
             for (name, image), mask in zip(decoded, masks):
                 result = RemovalResult(image, mask, pipeline.model_name)
                 try:
-                    out, image_path, mask_path = write_result(result, settings, safe_stem(name), folder)
+                    out, image_path, mask_path = write_result(result, settings, unique_stem(name, stems), folder)
                 except gr.Error as exc:
                     errors.append(f"{name}: {exc.message}")
                     continue

@@ -67,6 +67,19 @@ def test_batch_endpoint_returns_a_zip_of_cutouts_and_masks(client):
     assert "2 done, 0 failed" in info
 
 
+def test_batch_keeps_every_file_when_two_share_a_name(client, tmp_path):
+    for folder, photo in (("a", "chelsea.jpg"), ("b", "coffee.jpg")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "photo.jpg").write_bytes((ASSETS / photo).read_bytes())
+    files = [handle_file(str(tmp_path / folder / "photo.jpg")) for folder in ("a", "b")]
+    gallery, archive, info = client.predict(files, api_name="/batch")
+    with zipfile.ZipFile(archive) as z:
+        assert sorted(z.namelist()) == ["photo-2-mask.png", "photo-2-nobg.png", "photo-mask.png", "photo-nobg.png"]
+        assert Image.open(z.open("photo-nobg.png")).size == (451, 300)  # chelsea, first
+        assert Image.open(z.open("photo-2-nobg.png")).size == (600, 400)  # coffee, second
+    assert "2 done, 0 failed" in info
+
+
 def test_page_says_which_model_runs_and_how_to_enable_rmbg2(app_server):
     import urllib.request
 
