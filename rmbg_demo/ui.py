@@ -236,10 +236,11 @@ def safe_stem(name: str | None, fallback: str = "image") -> str:
 
 def unique_stem(name: str, taken: set[str]) -> str:
     """`safe_stem(name)`, numbered when an earlier file of the same batch had the same one."""
-    stem, n = safe_stem(name), 1
+    base = stem = safe_stem(name)
+    n = 1
     while stem in taken:
         n += 1
-        stem = f"{safe_stem(name)}-{n}"
+        stem = f"{base}-{n}"
     taken.add(stem)
     return stem
 
