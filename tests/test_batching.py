@@ -31,7 +31,8 @@ def one_by_one(lite_fixture_model, photos):
 
 def gated(batcher, waiting_for: int):
     """Wrap the batcher's network call so that the first batch waits until `waiting_for`
-    images are queued behind it: the next batch's make-up is then known in advance."""
+    images are queued behind it: the next batch's make-up is then known in advance.
+    Returns the batch sizes seen and an event set once the first batch is running."""
     run, sizes, first = batcher.run, [], threading.Event()
 
     def call(batch):
@@ -45,17 +46,27 @@ def gated(batcher, waiting_for: int):
         return run(batch)
 
     batcher.run = call
-    return sizes
+    return sizes, first
+
+
+def first_alone_then_together(pool, work, items, started):
+    """Submit the first item, and the rest only once its batch is running: on a slow machine
+    two requests sent together could otherwise reach the queue before the worker takes one."""
+    futures = [pool.submit(work, items[0])]
+    assert started.wait(60), "the first request never reached the network"
+    futures += [pool.submit(work, item) for item in items[1:]]
+    return [future.result() for future in futures]
 
 
 def test_concurrent_requests_share_a_network_batch_and_each_gets_its_own_mask(lite_fixture_model, photos,
                                                                               one_by_one):
     pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
                                input_size=SIZE, batch_requests=4)
-    sizes = gated(pipeline.batcher, waiting_for=3)
+    sizes, started = gated(pipeline.batcher, waiting_for=3)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        masks = list(pool.map(lambda photo: np.asarray(pipeline(photo).mask, dtype=int), photos))
-    assert sorted(sizes) == [1, 3]  # the first alone (no waiting for company), the other three together
+        masks = first_alone_then_together(pool, lambda photo: np.asarray(pipeline(photo).mask, dtype=int),
+                                          photos, started)
+    assert sizes == [1, 3]  # the first alone (no waiting for company), the other three together
     assert pipeline.batcher.batches == 2 and pipeline.batcher.largest == 3
     for name, mask, alone in zip(PHOTOS, masks, one_by_one):
         assert mask.shape == alone.shape, name
@@ -66,10 +77,10 @@ def test_concurrent_requests_share_a_network_batch_and_each_gets_its_own_mask(li
 def test_requests_beyond_max_batch_wait_for_the_next_batch(lite_fixture_model, photos):
     pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
                                input_size=SIZE, batch_requests=2)
-    sizes = gated(pipeline.batcher, waiting_for=3)
+    sizes, started = gated(pipeline.batcher, waiting_for=3)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(pipeline, photos))
-    assert sorted(sizes) == [1, 1, 2]  # 1 first, then 3 queued: 2 (the cap) and the last one
+        first_alone_then_together(pool, pipeline, photos, started)
+    assert sizes == [1, 2, 1]  # 1 first, then 3 queued: 2 (the cap) and the last one
 
 
 def test_a_network_failure_reaches_its_callers_and_the_batcher_goes_on(lite_fixture_model, photos, one_by_one):
