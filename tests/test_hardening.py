@@ -183,7 +183,7 @@ def test_cache_cleaning_goes_on_while_requests_add_files(tmp_path):
         cached.add(str(tmp_path / f"old{i}"))
     demo.temp_file_sets.append(cached)
     time.sleep(1.2)
-    cleaning_done = threading.Event()
+    cleaning_done, traffic_started = threading.Event(), threading.Event()
 
     def request_traffic():
         for i in range(200_000):  # bounded; stops as soon as the cleaning round is over
@@ -191,9 +191,11 @@ def test_cache_cleaning_goes_on_while_requests_add_files(tmp_path):
                 return
             (tmp_path / f"new{i}").touch()
             cached.add(str(tmp_path / f"new{i}"))
+            traffic_started.set()
 
     traffic = threading.Thread(target=request_traffic)
     traffic.start()
+    assert traffic_started.wait(30)  # requests are adding files before the cleaning round begins
     try:
         route_utils.delete_files_created_by_app(demo, 1)  # the name Gradio's scheduler calls
     finally:
