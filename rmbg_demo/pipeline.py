@@ -292,6 +292,13 @@ class RemovalPipeline:
         mask = (resized[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return Image.fromarray(mask, mode="L")
 
+    def predict_probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(n, 1, h, w) float32 CPU probabilities at the network's size, `batch_size` images a pass."""
+        run = self.batcher or self.probabilities_within_memory
+        out = [run(torch.cat([self.preprocess(im) for im in images[start:start + self.batch_size]])).float().cpu()
+               for start in range(0, len(images), self.batch_size)]
+        return torch.cat(out)
+
     def predict_masks(self, images: Sequence[Image.Image]) -> list[Image.Image]:
         masks: list[Image.Image] = []
         run = self.batcher or self.probabilities_within_memory
