@@ -6,7 +6,7 @@ import os
 
 from rmbg_demo.engines import configure_torch
 from rmbg_demo.fetch import allow_private_default
-from rmbg_demo.options import add_compile_argument, add_model_arguments
+from rmbg_demo.options import add_compile_argument, add_model_arguments, size_text
 
 
 def parse_args(argv=None):
@@ -19,6 +19,8 @@ def parse_args(argv=None):
                         help="concurrent requests share network batches of up to N images "
                              "(default: 8 on a GPU, 1 = off on the CPU)")
     add_compile_argument(parser)
+    parser.add_argument("--size", metavar="N|WxH", default="auto", type=size_text,
+                        help="the page's default network resolution (default: each model's own)")
     parser.add_argument("--allow-private-urls", action="store_true", default=allow_private_default(),
                         help="let the URL tab fetch loopback/private addresses (intranets, tests)")
     return parser.parse_args(argv)
@@ -34,7 +36,8 @@ def main(argv=None):
     configure_torch(args.device)
     guard_cache_cleaning()
     config = DemoConfig(model=args.model, weights=args.weights, device=args.device, dtype=args.dtype,
-                        allow_private_urls=args.allow_private_urls, max_batch=args.max_batch, compile=args.compile)
+                        allow_private_urls=args.allow_private_urls, max_batch=args.max_batch, compile=args.compile,
+                        resolution=args.size)
     demo = build_demo(config)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
 

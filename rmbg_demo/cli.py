@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, encode_image, image_files, write_atomic
 from .models import REGISTRY, model_names
-from .options import add_compile_argument, add_model_arguments
+from .options import add_compile_argument, add_model_arguments, add_size_argument
 
 log = logging.getLogger("rmbg_demo")
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     remove.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR")
     add_model_arguments(remove)
+    add_size_argument(remove)
     remove.add_argument("--batch-size", type=int, default=1, metavar="N")
     add_compile_argument(remove)
     remove.add_argument("--mask", action="store_true", help="also write <name>_mask.png (8-bit greyscale)")
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("images_dir", type=Path, metavar="IMAGES_DIR")
     evaluate.add_argument("masks_dir", type=Path, metavar="MASKS_DIR")
     add_model_arguments(evaluate, repeatable=True)  # --weights applies when one model is evaluated
+    add_size_argument(evaluate)
     evaluate.add_argument("--csv", type=Path, metavar="FILE", help="one row per (image, model)")
 
     bench = sub.add_parser("make-benchmark", help="paste RGBA foregrounds on backgrounds: images/ and masks/")
@@ -118,7 +120,7 @@ def run_remove(args) -> int:
     if jobs:
         try:
             pipeline = RemovalPipeline(args.model, args.weights, args.device, args.dtype, batch_size=args.batch_size,
-                                       max_pixels=args.max_pixels, compile=args.compile)
+                                       max_pixels=args.max_pixels, compile=args.compile, input_size=args.size)
         except (WeightsError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -199,7 +201,8 @@ def run_eval(args) -> int:
     from .evaluation import evaluate, markdown_table, write_csv
 
     report = evaluate(args.images_dir, args.masks_dir, args.model, device=args.device, dtype=args.dtype,
-                      weights=args.weights, progress=lambda items, **kw: tqdm(items, file=sys.stderr, **kw))
+                      weights=args.weights, input_size=args.size,
+                      progress=lambda items, **kw: tqdm(items, file=sys.stderr, **kw))
     for path in report.unmatched_images:
         print(f"unmatched image (no mask with its name): {path}", file=sys.stderr)
     for path in report.unmatched_masks:

@@ -89,7 +89,7 @@ class EvalReport:
 
 
 def evaluate(images_dir, masks_dir, models: list[str], *, device="auto", dtype="auto", weights=None,
-             progress=None, batch_size: int = 1) -> EvalReport:
+             progress=None, batch_size: int = 1, input_size: tuple[int, int] | None = None) -> EvalReport:
     """Each model's masks for the images that have a true mask, scored per image and over the set.
     An image that cannot be read (or a failed batch) is listed in `report.errors`, not scored."""
     from .pipeline import RemovalPipeline
@@ -97,7 +97,8 @@ def evaluate(images_dir, masks_dir, models: list[str], *, device="auto", dtype="
     pairs, lonely_images, lonely_masks = match_pairs(images_dir, masks_dir)
     report = EvalReport(unmatched_images=lonely_images, unmatched_masks=lonely_masks)
     for model in models:
-        pipeline = RemovalPipeline(model, weights if len(models) == 1 else None, device, dtype, batch_size=batch_size)
+        pipeline = RemovalPipeline(model, weights if len(models) == 1 else None, device, dtype, batch_size=batch_size,
+                                   input_size=input_size)
         dataset, seconds = MetricSet(), []
         outcomes = pipeline.iter_results(image for image, _ in pairs)
         if progress:

@@ -19,10 +19,11 @@ import gradio as gr
 from PIL import Image
 
 from . import fetch
-from .engines import ZeroGpuEngine, build_engine, pick_device, zerogpu_decorator
+from .engines import Engine, RequestBatcher, ZeroGpuEngine, build_engine, pick_device, zerogpu_decorator
 from .gradio_compat import RawImage
 from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, encode_image, load_image, write_atomic
 from .models import DEFAULT, REGISTRY, Runtime, get_spec, model_names
+from .options import parse_size
 from .pipeline import Outcome, RemovalPipeline, RemovalResult, choose_model
 from .weights import WeightsError, weights_available
 
@@ -32,6 +33,7 @@ TITLE = "RMBG-2.0 for background removal"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = ["chelsea.jpg", "astronaut.jpg", "coffee.jpg", "rocket.jpg"]
 BACKGROUNDS = ["transparent", "colour", "blur", "image"]
+RESOLUTIONS = [("the model's own", "auto"), ("1024 (model card)", "1024"), ("768", "768"), ("512 (fast)", "512")]
 
 
 def _seconds_pair(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -61,6 +63,7 @@ class DemoConfig:
     # and on ZeroGPU, where the GPU exists only inside each request's own call.
     max_batch: int | None = None
     compile: str | None = None  # a torch.compile backend ("inductor"), warmed up at start-up
+    resolution: str = "auto"  # the page's default network resolution (N or WxH; "auto": each model's own)
     zerogpu: bool = field(default_factory=lambda: zerogpu_decorator() is not None)
 
     def request_batch(self) -> int:
@@ -95,7 +98,8 @@ class Models:
     default: str = ""
     choices: list[str] = field(default_factory=list)  # every registered model, default first
     local: set[str] = field(default_factory=set)  # those that run without a download
-    _pipelines: dict[str, RemovalPipeline] = field(default_factory=dict)
+    _engines: dict[str, Engine] = field(default_factory=dict)
+    _pipelines: dict[tuple, RemovalPipeline] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
@@ -108,31 +112,38 @@ class Models:
     def dropdown_choices(self) -> list[tuple[str, str]]:
         return [(model_label(name, name in self.local), name) for name in self.choices]
 
-    def get(self, name: str | None) -> RemovalPipeline:
+    def get(self, name: str | None, size: tuple[int, int] | None = None) -> RemovalPipeline:
+        """The pipeline for model `name` at network resolution `size` (None: the model's own).
+        Pipelines of one model share its engine, so they share network batches too."""
         name = get_spec(name).name if name else self.default
         with self._lock:
-            if name not in self._pipelines:
+            if name not in self._engines:
                 if name not in self.local:
-                    spec = get_spec(name)
-                    gr.Info(f"Downloading {name} weights from {spec.page_url} (first use)...")
+                    gr.Info(f"Downloading {name} weights from {get_spec(name).page_url} (first use)...")
                 try:
-                    self._pipelines[name] = self._load(name)
+                    self._engines[name] = self._engine(name)
                 except (WeightsError, ValueError, OSError) as exc:
                     raise gr.Error(f"{name} cannot run here: {exc}") from exc
                 self.local.add(name)
-            return self._pipelines[name]
+            if (name, size) not in self._pipelines:
+                weights = self.config.weights if name == self.default else None
+                try:
+                    self._pipelines[name, size] = RemovalPipeline(
+                        name, weights, batch_size=self.config.batch_size, max_pixels=self.config.max_pixels,
+                        input_size=size, engine=self._engines[name])
+                except ValueError as exc:  # a size this model cannot run at
+                    raise gr.Error(f"{name}: {exc}") from exc
+            return self._pipelines[name, size]
 
-    def _load(self, name: str) -> RemovalPipeline:
+    def _engine(self, name: str) -> Engine:
         config = self.config
-        weights = config.weights if name == self.default else None
         spec = get_spec(name)
         compile_backend = config.compile if spec.runtime is Runtime.TORCH else None
-        engine = build_engine(spec, weights, config.device, config.dtype, compile=compile_backend,
-                              max_batch=max(config.batch_size, config.request_batch()))
+        engine = build_engine(spec, config.weights if name == self.default else None, config.device, config.dtype,
+                              compile=compile_backend, max_batch=max(config.batch_size, config.request_batch()))
         if config.zerogpu:
             engine = ZeroGpuEngine(engine, zerogpu_decorator())
-        return RemovalPipeline(name, weights, batch_size=config.batch_size, max_pixels=config.max_pixels,
-                               batch_requests=config.request_batch(), engine=engine)
+        return RequestBatcher(engine, config.request_batch()) if config.request_batch() > 1 else engine
 
     def banner(self) -> str:
         pipeline = self.get(self.default)
@@ -152,6 +163,14 @@ class Settings:
     background_image: str | None = None
     refine: bool = False
     fmt: str = "png"
+    resolution: str = "auto"  # the network's input size: "auto" (the model's own), "1024", "768x1024"
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        try:
+            return parse_size(self.resolution)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
 
     def background_value(self):
         """None (transparent), a colour, 'blur' or a decoded image; checked before any work."""
@@ -237,7 +256,7 @@ class Handlers:
 
     def one(self, source, settings: Settings) -> RemovalResult:
         """One image through the chosen model; a bad upload raises its own readable error."""
-        outcome = next(self.models.get(settings.model).iter_results([source]))
+        outcome = next(self.models.get(settings.model, settings.size).iter_results([source]))
         if outcome.error is not None:
             raise gr.Error(error_message(outcome))
         return outcome.result
@@ -247,16 +266,21 @@ class Handlers:
         background = settings.background_value()
         result = self.one(source, settings)
         out, image_path, mask_path = write_result(result, settings, background, stem, self.folders.new())
-        info = (f"**Model:** {self.models.get(settings.model).describe()}  \n"
+        info = (f"**Model:** {self.models.get(settings.model, settings.size).describe()}  \n"
                 f"{result.image.width}x{result.image.height}, {time.perf_counter() - started:.2f} s")
         return (out, result.image), str(image_path), str(mask_path), result.mask, info
 
-    def image(self, path, *settings):
+    # The API's parameters (gradio_client scripts pass them by position or name, with defaults):
+    # the image or URL, then the settings in `Settings`' order.
+    def image(self, path, model=None, background="transparent", colour="#ffffff", background_image=None,
+              refine=False, fmt="png", resolution="auto"):
         if not path:
             raise gr.Error("upload, paste or drop an image first")
-        return self.single(path, safe_stem(Path(path).name), Settings(*settings))
+        settings = Settings(model, background, colour, background_image, refine, fmt, resolution)
+        return self.single(path, safe_stem(Path(path).name), settings)
 
-    def text(self, url, *settings):
+    def text(self, url, model=None, background="transparent", colour="#ffffff", background_image=None,
+             refine=False, fmt="png", resolution="auto"):
         url = (url or "").strip()
         if not url:
             raise gr.Error("paste an image URL first")
@@ -265,14 +289,15 @@ class Handlers:
         except fetch.URLFetchError as exc:
             raise gr.Error(str(exc)) from exc
         stem = safe_stem(url.rstrip("/").rsplit("/", 1)[-1].split("?")[0])
-        return self.single(data, stem, Settings(*settings))
+        return self.single(data, stem, Settings(model, background, colour, background_image, refine, fmt, resolution))
 
-    def batch(self, files, *settings):
+    def batch(self, files, model=None, background="transparent", colour="#ffffff", background_image=None,
+              refine=False, fmt="png", resolution="auto"):
         if not files:
             raise gr.Error("add one or more images first")
-        settings = Settings(*settings)
+        settings = Settings(model, background, colour, background_image, refine, fmt, resolution)
         background = settings.background_value()
-        pipeline = self.models.get(settings.model)
+        pipeline = self.models.get(settings.model, settings.size)
         folder, gallery, errors, outputs, stems = self.folders.new(), [], [], [], set()
         for path, outcome in zip(files, pipeline.iter_results(files)):  # network batches, bounded memory
             name = Path(path).name
@@ -321,12 +346,15 @@ def settings_inputs(models: Models) -> list:
             model = gr.Dropdown(models.dropdown_choices(), value=models.default, label="Model")
             fmt = gr.Radio(list(FORMAT_EXTENSIONS), value="png", label="Output format")
             refine = gr.Checkbox(False, label="Refine foreground colours (removes halos at soft edges)")
+            default = models.config.resolution
+            choices = RESOLUTIONS + ([(default, default)] if default not in dict(RESOLUTIONS).values() else [])
+            resolution = gr.Dropdown(choices, value=default, label="Network resolution", elem_id="resolution")
         with gr.Row():
             background = gr.Radio(BACKGROUNDS, value="transparent", label="Background")
             colour = gr.ColorPicker("#ffffff", label="Background colour")
             background_image = RawImage(type="filepath", label="Background image", sources=["upload", "clipboard"],
                                         image_mode=None, height=160)
-    return [model, background, colour, background_image, refine, fmt]
+    return [model, background, colour, background_image, refine, fmt, resolution]
 
 
 def result_outputs(label: str, prefix: str) -> list:

@@ -133,7 +133,7 @@ class AppServer:
     def start(self):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        environment = hermetic_env(GRADIO_TEMP_DIR=self.gradio_tmp, HF_ENDPOINT=self.hub_url, **self.extra_env)
+        environment = hermetic_env(**{"GRADIO_TEMP_DIR": self.gradio_tmp, "HF_ENDPOINT": self.hub_url, **self.extra_env})
         self.started = time.monotonic()
         self.process = subprocess.Popen([sys.executable, str(self.script), "--port", str(self.port), *self.args],
                                         stdout=self.log, stderr=subprocess.STDOUT, env=environment)

@@ -123,3 +123,12 @@ def test_console_script_is_installed():
     lines = {line.split()[0]: line for line in run.stdout.splitlines()}
     assert "| embedded" in lines["u2netp"]
     assert "downloads on first use (https://huggingface.co/briaai/RMBG-2.0, ~885 MB; gated" in lines["rmbg-2.0"]
+
+
+def test_size_is_checked_and_said(photos, tmp_path):
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", tmp_path / "a", "--size", "500")
+    assert run.returncode == 2 and "size '500': each side must be a multiple of 32 from 256 to 2048" in run.stderr
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", tmp_path / "b", "--model", "u2netp", "--size", "512x384")
+    assert run.returncode == 2 and "this onnxruntime model runs at 320x320 only, not 512x384" in run.stderr
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", tmp_path / "c", "--model", "u2netp", "-q")
+    assert run.returncode == 0 and "[u2netp] at 320x320" in run.stderr

@@ -56,14 +56,23 @@ class RequestBatcher:
         return future.result()
 
     def _take(self) -> list[tuple[torch.Tensor, Future]]:
-        """The oldest request, then more in arrival order while they fit in `max_batch` images."""
+        """The oldest request, then more of the same input size in arrival order while they fit
+        in `max_batch` images (requests at another resolution wait for a batch of their own)."""
         with self._wake:
             while not self._pending:
                 self._wake.wait()
-            taken, images = [], 0
-            while self._pending and (not taken or images + len(self._pending[0][0]) <= self.max_batch):
-                taken.append(self._pending.pop(0))
-                images += len(taken[-1][0])
+            taken = [self._pending.pop(0)]
+            shape, images, waiting = taken[0][0].shape[1:], len(taken[0][0]), []
+            for index, request in enumerate(self._pending):
+                if images >= self.max_batch:
+                    waiting += self._pending[index:]
+                    break
+                if request[0].shape[1:] == shape and images + len(request[0]) <= self.max_batch:
+                    taken.append(request)
+                    images += len(request[0])
+                else:
+                    waiting.append(request)
+            self._pending = waiting
             return taken
 
     def _serve(self) -> None:
