@@ -21,6 +21,8 @@ def parse_args(argv=None):
     add_compile_argument(parser)
     parser.add_argument("--size", metavar="N|WxH", default="auto", type=size_text,
                         help="the page's default network resolution (default: each model's own)")
+    parser.add_argument("--max-video-seconds", type=float, default=60, metavar="S",
+                        help="refuse longer clips in the video tab (default 60; 0: no limit)")
     parser.add_argument("--allow-private-urls", action="store_true", default=allow_private_default(),
                         help="let the URL tab fetch loopback/private addresses (intranets, tests)")
     return parser.parse_args(argv)
@@ -37,7 +39,7 @@ def main(argv=None):
     guard_cache_cleaning()
     config = DemoConfig(model=args.model, weights=args.weights, device=args.device, dtype=args.dtype,
                         allow_private_urls=args.allow_private_urls, max_batch=args.max_batch, compile=args.compile,
-                        resolution=args.size)
+                        resolution=args.size, max_video_seconds=args.max_video_seconds or None)
     demo = build_demo(config)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, encode_image, image_files, write_atomic
+from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, encode_image, image_files, write_atomic
 from .models import REGISTRY, model_names
 from .options import add_compile_argument, add_model_arguments, add_size_argument
 
@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="refuse larger images (default 50 MP)")
     remove.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    video = remove.add_argument_group("video", "clips (recognised by their content) in the inputs")
+    video.add_argument("--video-format", choices=["webm", "mov", "png", "mp4"], default="webm",
+                       help="webm: VP9 with alpha (default); mov: ProRes 4444 with alpha; png: a folder of RGBA "
+                            "frames; with --background the result is an H.264 mp4")
+    video.add_argument("--smooth", action="store_true", help="steady edges: temporal smoothing that follows motion")
+    video.add_argument("--max-video-seconds", type=float, metavar="S", help="refuse longer clips")
 
     sub.add_parser("models", help="list the models, their licences and whether their weights are here")
 
@@ -68,25 +74,51 @@ def build_parser() -> argparse.ArgumentParser:
 @dataclass
 class Job:
     source: Path
-    outputs: dict[str, Path] = field(default_factory=dict)  # "image" / "mask" -> path
+    outputs: dict[str, Path] = field(default_factory=dict)  # "image"/"video"/"frames"/"mask" -> path
+    video: bool = False
 
 
-def plan_jobs(args) -> tuple[list[Job], list[str], int]:
-    """Inputs -> jobs with their output paths; returns (jobs, errors, skipped)."""
+def list_sources(args) -> tuple[list[Path], list[str]]:
+    """Files, folders (-r) and globs -> the files to process (images and videos), and errors."""
+    from .video import VIDEO_EXTENSIONS
+
     errors: list[str] = []
     sources: list[Path] = []
     for pattern in args.inputs:
         try:
-            sources += [p for p in image_files([pattern], recursive=args.recursive) if p not in sources]
+            found = image_files([pattern], recursive=args.recursive, extensions=IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
+            sources += [p for p in found if p not in sources]
         except FileNotFoundError as exc:
             errors.append(f"{pattern}: {exc}")
-    jobs, taken, skipped = [], {}, 0
+    return sources, errors
+
+
+def job_for(source: Path, args, background) -> Job:
+    """Videos are told apart by their content (a clip renamed .jpg is still a clip); files with an
+    image extension are left to the image decoder, which says what is wrong with them."""
+    from .video import is_video, output_paths
+
+    if source.suffix.lower() not in IMAGE_EXTENSIONS and is_video(source):
+        return Job(source, output_paths(source, args.output, fmt=args.video_format, background=background,
+                                        mask=args.mask), video=True)
     ext = FORMAT_EXTENSIONS[args.format]
+    job = Job(source, {"image": args.output / f"{source.stem}{ext}"})
+    if args.mask:
+        job.outputs["mask"] = args.output / f"{source.stem}_mask{ext}"
+    return job
+
+
+def plan_jobs(args, background=None) -> tuple[list[Job], list[str], int]:
+    """Inputs -> jobs with their output paths; returns (jobs, errors, skipped)."""
+    sources, errors = list_sources(args)
+    jobs, taken, skipped = [], {}, 0
     inputs = {p.resolve() for p in sources}
     for source in sources:
-        job = Job(source, {"image": args.output / f"{source.stem}{ext}"})
-        if args.mask:
-            job.outputs["mask"] = args.output / f"{source.stem}_mask{ext}"
+        try:
+            job = job_for(source, args, background)
+        except ValueError as exc:  # e.g. an mp4 without a background for a clip
+            errors.append(f"{source}: {exc}")
+            continue
         problem = output_problem(job, taken, inputs)
         if problem:
             errors.append(f"{source}: {problem}")
@@ -113,7 +145,8 @@ def run_remove(args) -> int:
     from .pipeline import RemovalPipeline
     from .weights import WeightsError
 
-    jobs, errors, skipped = plan_jobs(args)
+    background = resolve_background(args.background)
+    jobs, errors, skipped = plan_jobs(args, background)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     written = 0
@@ -125,8 +158,15 @@ def run_remove(args) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"model: {pipeline.describe()}", file=sys.stderr)
-        written, failed = process_jobs(pipeline, jobs, args)
+        written, failed = process_jobs(pipeline, [job for job in jobs if not job.video], background, args)
         errors += failed
+        for job in (job for job in jobs if job.video):
+            try:
+                process_video(pipeline, job, background, args)
+                written += 1
+            except (OSError, ValueError, RuntimeError) as exc:  # VideoError is a ValueError
+                errors.append(f"{job.source}: {exc}")
+                print(f"error: {errors[-1]}", file=sys.stderr)
     summary = f"{written} written, {len(errors)} failed, {skipped} skipped"
     if skipped:
         summary += " (outputs exist; --overwrite replaces them)"
@@ -134,10 +174,23 @@ def run_remove(args) -> int:
     return 1 if errors else 0
 
 
-def process_jobs(pipeline, jobs: list[Job], args) -> tuple[int, list[str]]:
-    """Runs the jobs `batch_size` at a time; one bad input never stops the others."""
+def process_video(pipeline, job: Job, background, args) -> None:
+    """One clip, with a progress bar of frames (frames/s and time left)."""
+    from .video import remove_video
+
+    with tqdm(unit="frame", desc=job.source.name, disable=args.quiet, file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        remove_video(pipeline, job.source, args.output, fmt=args.video_format, background=background,
+                     mask=args.mask, smooth=args.smooth, refine=args.refine, overwrite=args.overwrite,
+                     max_seconds=args.max_video_seconds, progress=progress)
+
+
+def process_jobs(pipeline, jobs: list[Job], background, args) -> tuple[int, list[str]]:
+    """Runs the image jobs `batch_size` at a time; one bad input never stops the others."""
     written, failed = 0, []
-    background = resolve_background(args.background)
     bar = tqdm(total=len(jobs), unit="img", disable=args.quiet, file=sys.stderr)
     for job, outcome in zip(jobs, pipeline.iter_results(job.source for job in jobs)):
         try:

@@ -243,8 +243,9 @@ def write_atomic(data: bytes, path, *, overwrite: bool = False) -> Path:
     return path
 
 
-def image_files(inputs, *, recursive: bool = False) -> list[Path]:
-    """Files, folders and glob patterns -> a sorted, de-duplicated list of image files."""
+def image_files(inputs, *, recursive: bool = False, extensions=IMAGE_EXTENSIONS) -> list[Path]:
+    """Files, folders and glob patterns -> a sorted, de-duplicated list of files; in folders and
+    globs, those with one of `extensions` (a file named on its own is always taken)."""
     found: list[Path] = []
     for item in inputs:
         text = os.fspath(item)
@@ -253,12 +254,13 @@ def image_files(inputs, *, recursive: bool = False) -> list[Path]:
             matches = [path]
         elif path.is_dir():
             walk = path.rglob("*") if recursive else path.iterdir()
-            matches = sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            matches = sorted(p for p in walk if p.is_file() and p.suffix.lower() in extensions)
         else:
             matches = sorted(Path(p) for p in glob.glob(text, recursive=True)
-                             if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+                             if Path(p).is_file() and Path(p).suffix.lower() in extensions)
             if not matches:
-                raise FileNotFoundError(f"no image file matches {text}")
+                raise FileNotFoundError(f"no {'image' if extensions == IMAGE_EXTENSIONS else 'image or video'} "
+                                        f"file matches {text}")
         for match in matches:
             if match not in found:
                 found.append(match)

@@ -25,6 +25,7 @@ from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, en
 from .models import DEFAULT, REGISTRY, Runtime, get_spec, model_names
 from .options import parse_size
 from .pipeline import Outcome, RemovalPipeline, RemovalResult, choose_model
+from .ui_video import VideoHandler, video_tab
 from .weights import WeightsError, weights_available
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class DemoConfig:
     max_batch: int | None = None
     compile: str | None = None  # a torch.compile backend ("inductor"), warmed up at start-up
     resolution: str = "auto"  # the page's default network resolution (N or WxH; "auto": each model's own)
+    max_video_seconds: float | None = 60  # longer clips are refused before any work (a shared demo's limit)
     zerogpu: bool = field(default_factory=lambda: zerogpu_decorator() is not None)
 
     def request_batch(self) -> int:
@@ -394,6 +396,7 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
             archive = gr.File(label="zip of cut-outs and masks", elem_id="batch-zip")
             batch_info = gr.Markdown(elem_id="batch-info")
             run_batch.click(handlers.batch, [files, *settings], [gallery, archive, batch_info], api_name="batch")
+        video_tab(VideoHandler(models, handlers.folders, Settings, models.config.max_video_seconds), settings)
         with gr.Tab("Compare"):
             compare_image = RawImage(type="filepath", label="Image", image_mode=None, elem_id="compare-image",
                                      sources=["upload", "clipboard"])

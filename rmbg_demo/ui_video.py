@@ -1,0 +1,74 @@
+"""The page's "video" tab (API name `video`): a clip in, a transparent WebM (or ProRes MOV, or
+an H.264 MP4 over a background) and its matte out, with progress, and limits that protect a
+shared demo (clip length, pixels per frame), each refused with a clear message before any work."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gradio as gr
+
+log = logging.getLogger(__name__)
+
+VIDEO_FORMATS = [("WebM, VP9 with alpha (plays in browsers)", "webm"),
+                 ("MOV, ProRes 4444 with alpha (for video editors)", "mov")]
+# The result plays over a checkerboard, so that transparency shows.
+CSS = "#video-result video { background: repeating-conic-gradient(#d0d0d0 0% 25%, #fff 0% 50%) 50% / 24px 24px; }"
+
+
+class VideoHandler:
+    def __init__(self, models, folders, settings_type, max_seconds: float | None):
+        self.models, self.folders, self.Settings, self.max_seconds = models, folders, settings_type, max_seconds
+
+    def __call__(self, path, model=None, background="transparent", colour="#ffffff", background_image=None,
+                 refine=False, resolution="auto", smooth=True, video_format="webm", progress=gr.Progress()):
+        from .video import VideoError, remove_video
+
+        if not path:
+            raise gr.Error("upload or drop a video first")
+        settings = self.Settings(model, background, colour, background_image, refine, "png", resolution)
+        backdrop = settings.background_value()
+        pipeline = self.models.get(settings.model, settings.size)
+        folder = self.folders.new()
+        (folder / "in").mkdir()
+        source = folder / "in" / Path(path).name  # outputs are named after the upload, not Gradio's temp name
+        source.symlink_to(Path(path).resolve())
+
+        def report(done: int, total: int) -> None:
+            progress((done, total), desc="frames", unit="frames")
+
+        try:
+            result = remove_video(pipeline, source, folder, fmt=video_format, background=backdrop, mask=True,
+                                  smooth=smooth, refine=refine, max_seconds=self.max_seconds, progress=report)
+        except (VideoError, ValueError, FileExistsError) as exc:
+            raise gr.Error(str(exc)) from exc
+        except RuntimeError as exc:
+            log.exception("video failed")
+            raise gr.Error(f"inference failed: {exc}") from exc
+        video = result.outputs["video"]
+        info = (f"**Model:** {pipeline.describe()}  \n{result.frames} frames at {float(result.fps):.2f} fps, "
+                f"{result.seconds:.1f} s ({result.frames / max(result.seconds, 1e-9):.1f} frames/s)"
+                f"{', steady edges' if smooth else ''}")
+        playable = video.suffix in (".webm", ".mp4")
+        if not playable:
+            info += "  \nProRes MOV does not play in browsers: download it below."
+        return (str(video) if playable else None), [str(video), str(result.outputs["mask"])], info
+
+
+def video_tab(handler: VideoHandler, settings: list) -> None:
+    """Inside a gr.Blocks: the tab's components and its event; `settings` are the page's shared settings
+    (model, background, colour, background image, refine, format, resolution)."""
+    model, background, colour, background_image, refine, _fmt, resolution = settings
+    with gr.Tab("video"):
+        # A plain file input: our own decoder checks the content (gr.Video would hand it to ffmpeg first).
+        clip = gr.File(label="Upload or drop a video", file_types=["video"], type="filepath", elem_id="video-input")
+        with gr.Row():
+            smooth = gr.Checkbox(True, label="Steady edges (temporal smoothing that follows motion)")
+            video_format = gr.Radio(VIDEO_FORMATS, value="webm", label="Video format (transparent background)")
+        run = gr.Button("Remove background", variant="primary", elem_id="run-video")
+        result = gr.Video(label="Result", elem_id="video-result", autoplay=True, loop=True, format=None)
+        files = gr.File(label="Video and matte (greyscale MP4)", file_count="multiple", elem_id="video-files")
+        info = gr.Markdown(elem_id="video-info")
+        gr.HTML(f"<style>{CSS}</style>")  # in the page itself: Gradio 5 takes css= in Blocks, Gradio 6 in launch()
+        run.click(handler, [clip, model, background, colour, background_image, refine, resolution, smooth,
+                            video_format], [result, files, info], api_name="video")
