@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -42,6 +42,9 @@ class VideoResult:
     fps: Fraction
     seconds: float  # wall time of the whole run
     info: VideoInfo | None = None
+    # busy seconds per stage (they overlap): "decode" (to RGB), "network" (with smoothing),
+    # "encode" (mask resize, composite, encoding and audio)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,7 +82,7 @@ class _Stages:
         self.frames: queue.Queue = queue.Queue(maxsize=2 * batch_size)
         self.results: queue.Queue = queue.Queue(maxsize=2 * batch_size)
         self.stop = threading.Event()
-        self.timings = {"decode": 0.0, "network": 0.0}
+        self.timings = {"decode": 0.0, "network": 0.0, "encode": 0.0}
         self.threads = [threading.Thread(target=self._guard, args=(self._decode, self.frames), name="video-decode",
                                          daemon=True),
                         threading.Thread(target=self._guard, args=(self._network, self.results), name="video-network",
@@ -152,9 +155,10 @@ class _Stages:
                 batch.append(item)
             if batch:
                 started = time.perf_counter()
-                for item in zip(batch, self._probabilities([image for image, _ in batch])):
-                    self._put(self.results, item)
+                probabilities = self._probabilities([image for image, _ in batch])
                 self.timings["network"] += time.perf_counter() - started
+                for item in zip(batch, probabilities):
+                    self._put(self.results, item)
         self._put(self.results, _DONE)
 
     def _probabilities(self, images: list[Image.Image]) -> list[torch.Tensor]:
@@ -280,8 +284,10 @@ def remove_video(pipeline, src, out_dir, *, fmt: str = "webm", background=None, 
         writers = _open_writers(temporaries, fmt, info)
         try:
             done = _encode_all(stages, writers, pipeline, background, refine, info, progress)
+            finishing = time.perf_counter()
             for writer in writers.values():
                 writer.finish()
+            stages.timings["encode"] += time.perf_counter() - finishing
         finally:
             stages.close()
             for writer in writers.values():
@@ -292,7 +298,7 @@ def remove_video(pipeline, src, out_dir, *, fmt: str = "webm", background=None, 
         for path in temporaries.values():
             _discard(path)
         raise
-    return VideoResult(paths, done, info.fps, time.perf_counter() - started, info)
+    return VideoResult(paths, done, info.fps, time.perf_counter() - started, info, dict(stages.timings))
 
 
 def _encode_all(stages: _Stages, writers: dict, pipeline, background, refine: bool, info: VideoInfo,
@@ -300,12 +306,14 @@ def _encode_all(stages: _Stages, writers: dict, pipeline, background, refine: bo
     done = 0
     stages.start()
     for image, pts, probability in stages.results_in_order():
+        started = time.perf_counter()
         matte = pipeline.to_mask(probability, image.size)
         result = RemovalResult(image, matte, pipeline.model_name)
         picture = result.composite(background, refine)
         for kind, writer in writers.items():
             writer.write(matte if kind == "mask" else picture, pts)
         done += 1
+        stages.timings["encode"] += time.perf_counter() - started
         if progress is not None:
             progress(done, info.frames)
     return done
