@@ -25,6 +25,7 @@ import av
 import torch
 from PIL import Image
 
+from ..imageio import DEFAULT_MAX_PIXELS
 from ..pipeline import RemovalResult
 from .probe import VideoError, VideoInfo, open_input, probe_video, video_stream
 from .smooth import MotionAwareSmoother
@@ -274,7 +275,7 @@ def remove_video(pipeline, src, out_dir, *, fmt: str = "webm", background=None, 
     started = time.perf_counter()
     src, out_dir = Path(src), Path(out_dir)
     fmt = _resolve_format(fmt, background)
-    info = probe_video(src, max_seconds=max_seconds, max_pixels=getattr(pipeline, "max_pixels", None))
+    info = probe_video(src, max_seconds=max_seconds, max_pixels=getattr(pipeline, "max_pixels", DEFAULT_MAX_PIXELS))
     paths = output_paths(src, out_dir, fmt=fmt, background=background, mask=mask)
     _check_outputs(src, paths, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)

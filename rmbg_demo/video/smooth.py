@@ -20,7 +20,7 @@ GUIDE_SIDE = 96  # motion is judged on frames scaled down to about this many pix
 class MotionAwareSmoother:
     """Call once per frame, in order: (1, h, w) probabilities and the frame -> smoothed (1, h, w) probabilities."""
 
-    def __init__(self, strength: float = 0.6, still: float = 6.0, moving: float = 18.0, spread: int = 2):
+    def __init__(self, strength: float = 0.75, still: float = 6.0, moving: float = 12.0, spread: int = 2):
         self.strength = strength  # share of the previous value kept where nothing moved
         self.still, self.moving = still, moving  # grey-level change (0..255) at which motion starts / is certain
         self.spread = spread  # pixels of the guide by which motion is widened
