@@ -293,8 +293,15 @@ def remove_video(pipeline, src, out_dir, *, fmt: str = "webm", background=None, 
             stages.close()
             for writer in writers.values():
                 writer.close()
-        for kind, path in paths.items():
-            _commit(temporaries[kind], path, overwrite)
+        committed = []
+        try:
+            for kind, path in paths.items():
+                _commit(temporaries[kind], path, overwrite)
+                committed.append(path)
+        except BaseException:
+            for path in committed:  # all outputs or none (a rival writer may have taken one name meanwhile)
+                _discard(path)
+            raise
     except BaseException:
         for path in temporaries.values():
             _discard(path)
