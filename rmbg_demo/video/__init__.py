@@ -1,0 +1,10 @@
+"""Video background removal: `remove_video` turns a clip into an alpha video (VP9 WebM, ProRes 4444 MOV),
+PNG frames or an H.264 MP4 over a new background, keeping frame rate, timing, rotation and audio.
+
+Needs PyAV (`pip install av`), which brings its own FFmpeg."""
+from .probe import MAX_STREAMS, VideoError, VideoInfo, is_video, probe_video
+from .remove import FORMATS, VideoResult, output_paths, remove_video
+from .smooth import MotionAwareSmoother
+
+__all__ = ["FORMATS", "MAX_STREAMS", "MotionAwareSmoother", "VideoError", "VideoInfo", "VideoResult", "is_video",
+           "output_paths", "probe_video", "remove_video"]
