@@ -32,11 +32,11 @@ from PIL import Image, ImageFilter
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "fixtures" / "rmbg2")]
 
-import av
-from test_video import moving_subject, write_clip
+import av  # noqa: E402
+from test_video import moving_subject, write_clip  # noqa: E402
 
-from rmbg_demo.pipeline import RemovalPipeline
-from rmbg_demo.video import probe_video, remove_video
+from rmbg_demo.pipeline import RemovalPipeline  # noqa: E402
+from rmbg_demo.video import probe_video, remove_video  # noqa: E402
 
 EDGE_BAND = 3  # pixels either side of the true edge
 

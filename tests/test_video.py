@@ -6,11 +6,10 @@ import shutil
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
-
-av = pytest.importorskip("av")
 
 from rmbg_demo.pipeline import RemovalPipeline
 from rmbg_demo.video import VideoError, is_video, probe_video, remove_video

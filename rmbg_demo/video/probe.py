@@ -21,6 +21,10 @@ MAX_STREAMS = 64
 IMAGE_DEMUXERS = ("image2", "gif", "apng", "tty", "webp", "ico", "bmp", "tiff")
 
 
+# Names that folders and globs are searched for; a file named on its own is judged by its content.
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ts"}
+
+
 class VideoError(ValueError):
     """The input is not a video we can process (or would be too big to); the message says why."""
 
@@ -129,7 +133,8 @@ def _count_frames(container, stream, name: str, max_seconds: float | None) -> tu
                 if limit is not None and end - first > limit:
                     raise VideoError(f"{name}: longer than the {max_seconds:g} s limit")
     except av.error.FFmpegError as exc:
-        raise VideoError(f"{name}: corrupt or truncated after {frames} frames (FFmpeg: {exc.strerror or exc})") from None
+        raise VideoError(f"{name}: corrupt or truncated after {frames} frames "
+                         f"(FFmpeg: {exc.strerror or exc})") from None
     seconds = float((end - first) * stream.time_base) if first is not None else 0.0
     return frames, seconds, last_any, len(durations - {0, None}) > 1
 
