@@ -117,7 +117,8 @@ class OnnxEngine:
         if not outputs:
             raise OnnxModelError(f"{self.path} has no outputs: nothing to read a mask from")
         if not -len(outputs) <= output_index < len(outputs):
-            raise OnnxModelError(f"{self.path} has {len(outputs)} output(s); output_index {output_index} is out of range")
+            raise OnnxModelError(f"{self.path} has {len(outputs)} output(s); output_index {output_index} "
+                                 "is out of range")
         self.output_index = output_index
         self.output_name = outputs[output_index].name
 
