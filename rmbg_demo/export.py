@@ -174,16 +174,6 @@ def export_metadata(spec: ModelSpec, size: tuple[int, int], dtype: str, opset: i
     }
 
 
-def read_metadata(path) -> dict[str, str]:
-    """The file's `metadata_props` as a dict (without loading the weights into memory twice)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return dict(session.get_modelmeta().custom_metadata_map)
-
-
 def _trace(network: nn.Module, output_index: int, example: torch.Tensor, path: Path, opset: int,
            dynamic_axes: tuple[str, ...]) -> None:
     axes = {name: {0: "batch", **({2: "height", 3: "width"} if "height" in dynamic_axes else {})}
