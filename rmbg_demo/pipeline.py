@@ -42,6 +42,19 @@ def choose_model(model: str | None = "auto", weights=None) -> str:
     return chosen
 
 
+def exported_model(path, asked: str | None, chosen: str) -> str:
+    """The registered model an exported ONNX file (`rmbg export`) says it is; `asked` must agree."""
+    from .engines.ort import read_model_name
+
+    found = read_model_name(path)
+    if found is None:
+        return chosen
+    found = get_spec(found).name
+    if asked not in (None, "auto") and found != chosen:
+        raise ValueError(f"{path} is an export of {found}, not {chosen}: drop --model or pass --model {found}")
+    return found
+
+
 @dataclass
 class RemovalResult:
     """One image's outcome. `image` is the decoded original (RGB, or RGBA if it had transparency)."""
@@ -109,6 +122,8 @@ class RemovalPipeline:
                  max_pixels: int = DEFAULT_MAX_PIXELS, input_size: tuple[int, int] | None = None, network=None,
                  batch_requests: int = 1, compile: str | None = None, engine: Engine | None = None):
         self.model_name = choose_model(model, weights)
+        if os.fspath(weights or "").endswith(".onnx") and engine is None:
+            self.model_name = exported_model(weights, model, self.model_name)
         self.spec: ModelSpec = get_spec(self.model_name)
         self.batch_size = max(1, int(batch_size))
         self.max_pixels = max_pixels

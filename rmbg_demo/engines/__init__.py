@@ -24,12 +24,16 @@ def build_engine(model: str | ModelSpec, weights: str | os.PathLike | None = Non
     from ..weights import load_model, resolve_weights
 
     spec = model if isinstance(model, ModelSpec) else get_spec(model)
-    if network is None and (spec.runtime is Runtime.ONNX or os.fspath(weights or "").endswith(".onnx")):
+    exported = os.fspath(weights or "").endswith(".onnx")
+    if network is None and (spec.runtime is Runtime.ONNX or exported):
         if compile:
             raise ValueError(f"compiling needs a PyTorch network; {spec.name} runs as an ONNX graph on onnxruntime")
         path = resolve_weights(spec.name, weights)
-        return OnnxEngine(path, output_index=spec.output_index if spec.runtime is Runtime.ONNX else 0,
-                          activation=spec.activation, device=str(pick_device(device).type))
+        on_gpu = pick_device(device).type == "cuda"
+        if exported:  # our export's metadata says the activation and size; one output, the final map
+            return OnnxEngine(path, device="cuda" if on_gpu else "cpu", input_size=input_size)
+        return OnnxEngine(path, output_index=spec.output_index, activation=spec.activation,
+                          device="cuda" if on_gpu else "cpu")
     if network is None:
         network = load_model(spec.name, weights)
     engine = TorchEngine(network, output_index=spec.output_index, activation=spec.activation, device=device,

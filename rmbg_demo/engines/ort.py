@@ -1,4 +1,10 @@
-"""The ONNX Runtime engine: an ONNX graph (the embedded U2-Net-p, or an exported network)."""
+"""ONNX Runtime engine: a (B, 3, H, W) normalised batch in, (B, 1, h, w) probabilities out.
+
+Runs files written by `rmbg_demo.export` (their metadata says the input size, normalisation
+and activation) and other single-image-input ONNX files such as the embedded u2netp.onnx
+(batch fixed at 1: run one image at a time). `device="cuda"` asks for TensorRT (when
+installed), then CUDA, then the CPU, and says loudly when ONNX Runtime ended up on the CPU.
+"""
 from __future__ import annotations
 
 import logging
@@ -12,41 +18,201 @@ from ..processing import activate
 
 log = logging.getLogger(__name__)
 
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# What a file that is not ONNX starts with, for the error message.
+_SIGNATURES = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"PK\x03\x04": "a zip archive "
+               "(a PyTorch checkpoint?)", b"\x80\x02": "a pickle (a PyTorch checkpoint?)", b"GIF8": "a GIF image"}
+
 
 class OnnxModelError(ValueError):
-    """The file is not an ONNX graph this project can run; the message says why."""
+    """The file is not a usable ONNX model for this engine; the message says why."""
+
+
+def _what_it_is(path: Path) -> str:
+    """Why ONNX Runtime could not parse `path`, as well as the first bytes can tell."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if not head:
+        return "the file is empty"
+    for signature, kind in _SIGNATURES.items():
+        if head.startswith(signature):
+            return f"it is {kind}, not an ONNX model"
+    if head.startswith(b"\x08"):  # an ONNX ModelProto starts with its ir_version field
+        return "it starts like an ONNX model but does not parse: truncated or corrupt (download or export it again)"
+    if head[:8].lstrip().startswith((b"{", b"<", b"#")) or head.isascii():
+        return "it is a text file, not an ONNX model"
+    return "it is not an ONNX model (unrecognised content)"
+
+
+def read_model_name(path) -> str | None:
+    """The `model` our export writes into a file's metadata (None for other ONNX files)."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # the engine, opened next, explains what is wrong with the file
+        log.debug("cannot read metadata of %s: %s", path, exc)
+        return None
+    return session.get_modelmeta().custom_metadata_map.get("model")
+
+
+def _providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    return [p for p in _GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+
+
+def _dim(value) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None
 
 
 class OnnxEngine:
+    """An ONNX file run by ONNX Runtime, with the engine contract of `rmbg_demo.engines`.
+
+    Attributes read from our export metadata when present (None otherwise, so the caller uses
+    the model's own spec): `model_name`, `input_size` (H, W), `mean`, `std`; `activation`
+    always has a value (the argument, the metadata, else guessed from the graph).
+    """
+
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, *, output_index: int = 0, activation: Activation = Activation.SIGMOID,
-                 device: str = "cpu", threads: int | None = None):
+    def __init__(self, path, *, device: str = "cpu", output_index: int = 0,
+                 activation: Activation | str | None = None, input_size: tuple[int, int] | None = None,
+                 threads: int | None = None):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device {device!r}: OnnxEngine runs on 'cpu' or 'cuda'")
+        if activation is not None and activation not in {a.value for a in Activation}:
+            raise ValueError(f"activation {activation!r}: choose one of {', '.join(a.value for a in Activation)}")
+        self.path = Path(path)
+        self.requested_device = device
+        self.session = self._open(threads)
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._check_outputs(output_index)
+        self._check_input(input_size)
+        self.activation = Activation(activation or self.metadata.get("activation") or self._guess_activation())
+        self.mean, self.std = (self._metadata_numbers(key) for key in ("mean", "std"))
+        self.model_name = self.metadata.get("model")
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if self.providers[0] in _GPU_PROVIDERS else "cpu"
+        self.fallback = device == "cuda" and self.device == "cpu"
+        if self.fallback:
+            log.warning("ONNX Runtime runs %s on the CPU although CUDA was asked for: %s", self.path.name,
+                        self._fallback_reason())
+
+    # -- opening and checking the file ----------------------------------------------------
+    def _open(self, threads: int | None):
         import onnxruntime as ort
 
-        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
         options = ort.SessionOptions()
         if threads:
-            options.intra_op_num_threads = threads
+            options.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
-            raise OnnxModelError(f"cannot load {self.path} with ONNX Runtime: {exc}") from exc
-        self.device = "cpu"
+            return ort.InferenceSession(str(self.path), options, providers=_providers(self.requested_device))
+        except Exception as exc:  # onnxruntime raises its own exception types for every load failure
+            reason = _what_it_is(self.path) if "Protobuf parsing failed" in str(exc) or not self.path.stat().st_size \
+                else str(exc).split(" failed:")[-1].strip()
+            raise OnnxModelError(f"cannot load {self.path}: {reason}") from exc
+
+    def _check_outputs(self, output_index: int) -> None:
+        outputs = self.session.get_outputs()
+        if not outputs:
+            raise OnnxModelError(f"{self.path} has no outputs: nothing to read a mask from")
+        if not -len(outputs) <= output_index < len(outputs):
+            raise OnnxModelError(f"{self.path} has {len(outputs)} output(s); output_index {output_index} "
+                                 "is out of range")
         self.output_index = output_index
-        self.activation = Activation(activation)
-        graph_input = self.session.get_inputs()[0]
-        self.input_name = graph_input.name
-        batch, _, height, width = graph_input.shape
-        self.fixed_batch = batch if isinstance(batch, int) else None
-        self.fixed_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
+        self.output_name = outputs[output_index].name
+
+    def _check_input(self, input_size) -> None:
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise OnnxModelError(f"{self.path} takes {len(inputs)} inputs; an image model takes one (B, 3, H, W)")
+        spec = inputs[0]
+        if spec.type not in _ELEMENT_TYPES:
+            raise OnnxModelError(f"{self.path}: input {spec.name!r} is {spec.type}; expected float or float16")
+        if len(spec.shape) != 4 or _dim(spec.shape[1]) not in (None, 3):
+            raise OnnxModelError(f"{self.path}: input {spec.name!r} has shape {spec.shape}; expected (B, 3, H, W)")
+        self.input_name, self.input_dtype = spec.name, _ELEMENT_TYPES[spec.type]
+        self.dtype = "float16" if self.input_dtype is np.float16 else "float32"
+        self.fixed_batch = _dim(spec.shape[0])
+        self.graph_size = (_dim(spec.shape[2]), _dim(spec.shape[3]))
+        # The engine contract's fixed_size: the (H, W) this graph can only run at, if any.
+        self.fixed_size = None if None in self.graph_size else self.graph_size
+        from_metadata = tuple(int(self.metadata[k]) for k in ("input_height", "input_width")) \
+            if "input_height" in self.metadata and "input_width" in self.metadata else None
+        size = tuple(input_size) if input_size is not None else from_metadata
+        if size is None and self.fixed_size:
+            size = self.fixed_size
+        for side, fixed in zip(size or (), self.graph_size):
+            if fixed is not None and side != fixed:
+                raise OnnxModelError(f"{self.path} takes a fixed {self.graph_size[1]}x{self.graph_size[0]} (WxH) "
+                                     f"input; {size[1]}x{size[0]} was asked for (export it again at that size)")
+        self.input_size = tuple(int(s) for s in size) if size is not None else None
+
+    def _metadata_numbers(self, key: str) -> tuple[float, ...] | None:
+        if key not in self.metadata:
+            return None
+        try:
+            values = tuple(float(v) for v in self.metadata[key].split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 3:
+            raise OnnxModelError(f"{self.path}: metadata {key}={self.metadata[key]!r} is not three numbers")
+        return values
+
+    def _guess_activation(self) -> str:
+        """No metadata: a map made by a Sigmoid node is already a probability ("minmax", as rembg
+        treats U\u00b2-Net files); anything else is taken for logits. Needs the `onnx` package to see."""
+        try:
+            import onnx
+        except ImportError:
+            log.warning("%s has no activation metadata and onnx is not installed to inspect it: assuming "
+                        "probabilities ('minmax'); pass activation= to be sure", self.path.name)
+            return "minmax"
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        producer = next((node.op_type for node in graph.node if self.output_name in node.output), None)
+        return "minmax" if producer == "Sigmoid" else "sigmoid"
+
+    def _fallback_reason(self) -> str:
+        import onnxruntime as ort
+
+        if not any(p in ort.get_available_providers() for p in _GPU_PROVIDERS):
+            return ("this onnxruntime has no CUDA or TensorRT provider (pip install onnxruntime-gpu in place of "
+                    "onnxruntime)")
+        return "the CUDA provider failed to start (CUDA/cuDNN libraries missing or no GPU visible?)"
+
+    # -- the engine contract ------------------------------------------------------------------
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float32 normalised input -> (B, 1, h, w) float32 CPU probabilities."""
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) batch, got {tuple(batch.shape)}")
+        for side, fixed in zip(batch.shape[-2:], self.graph_size):
+            if fixed is not None and side != fixed:
+                raise ValueError(f"{self.path.name} takes {self.graph_size[1]}x{self.graph_size[0]} (WxH) input, "
+                                 f"got {batch.shape[-1]}x{batch.shape[-2]}")
+        array = batch.detach().to("cpu", torch.float32).numpy().astype(self.input_dtype, copy=False)
+        step = self.fixed_batch or len(array)  # a file with a fixed batch of 1 runs one image at a time
+        raw = np.concatenate([self.session.run([self.output_name], {self.input_name: array[i:i + step]})[0]
+                              for i in range(0, len(array), step)])
+        raw = torch.from_numpy(raw.astype(np.float32, copy=False))
+        if raw.ndim == 3:
+            raw = raw[:, None]
+        if raw.ndim != 4 or raw.shape[1] != 1 or raw.shape[0] != len(batch):
+            raise OnnxModelError(f"{self.path.name}: output {self.output_name!r} has shape {tuple(raw.shape)} "
+                                 f"for a batch of {len(batch)}; expected (B, 1, h, w)")
+        return activate(raw, self.activation)
 
     def describe(self) -> str:
-        return f"onnxruntime on {self.device} ({self.session.get_providers()[0]})"
+        import onnxruntime as ort
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        array = batch.detach().float().cpu().numpy()
-        step = self.fixed_batch or len(array)  # graphs exported with a fixed batch of 1 run image by image
-        outputs = [self.session.run(None, {self.input_name: array[i:i + step]})[self.output_index]
-                   for i in range(0, len(array), step)]
-        return activate(torch.from_numpy(np.concatenate(outputs)), self.activation)
+        what = f"{self.model_name} ({self.path.name}" if self.model_name else f"{self.path.name} ("
+        text = f"{what}, {self.dtype}) on onnxruntime {ort.__version__} {self.providers[0]}"
+        if self.fallback:
+            text += " -- WARNING: CUDA was asked for but ONNX Runtime runs on the CPU: " + self._fallback_reason()
+        return text
