@@ -8,8 +8,9 @@ Stages, each where Ray runs it best:
   -> mask + compose + encode (CPU tasks)
   -> write (CPU tasks: temp+rename locally, one PUT on object storage).
 Rows carry their own error: a bad file becomes a manifest line, never the end of the job.
-Actors are restarted and their batches retried when a worker dies (Ray Data's defaults for actor
-pools, stated here so a change of defaults cannot silently drop them).
+A dead model actor is restarted (its model loaded again) and its batches sent again: Ray Data's
+actor pools default to max_restarts=-1 and max_task_retries=-1 (ray 2.60; passing them ourselves is
+deprecated), and tests/test_cluster.py kills one mid-job to hold it to that.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def plan_job(args) -> Plan:
     sources, errors = storage.list_images(args.inputs, recursive=args.recursive)
     plan.failed += [ManifestRecord(input=text.split(": ", 1)[0], error=text) for text in errors]
     ext = FORMAT_EXTENSIONS[args.format]
-    out = str(args.output)
+    out = storage.location(args.output)
     existing = storage.existing_files(out)
     inputs = {_canonical(s) for s in sources}
     taken: dict[str, str] = {}
@@ -299,18 +300,27 @@ def build_dataset(ray, plan: Plan, args, model: str, workers: tuple[int, int], g
     small = {"batch_format": "numpy", "batch_size": 4, "zero_copy_batch": False}
     ds = ds.map_batches(read_stage, **small)
     ds = ds.map_batches(decode_stage, fn_kwargs={"max_pixels": args.max_pixels}, **small)
-    # Actor pool: the model loads once per actor; Ray restarts a dead actor and resends its batches
-    # (max_restarts / max_task_retries -1: as often as needed).
+    # Actor pool: the model loads once per actor; Ray restarts a dead actor and resends its batches.
     ds = ds.map_batches(
         NetworkStage, fn_constructor_kwargs={"model": model, "weights": _weights(args.weights),
                                              "device": args.device, "dtype": args.dtype,
                                              "batch_size": args.batch_size},
         batch_size=args.batch_size, batch_format="numpy", zero_copy_batch=False,
         compute=ActorPoolStrategy(min_size=workers[0], max_size=workers[1]),
-        num_gpus=gpus or None, num_cpus=None if gpus else 1, max_restarts=-1, max_task_retries=-1)
+        num_gpus=gpus or None, num_cpus=None if gpus else 1, memory=actor_memory(model))
     ds = ds.map_batches(post_stage, fn_kwargs={"background": background, "refine": args.refine,
                                                "fmt": args.format}, **small)
     return ds.map_batches(write_stage, fn_kwargs={"overwrite": args.overwrite}, **small)
+
+
+def actor_memory(model: str) -> int:
+    """Bytes of RAM a model actor asks Ray for: the network, its inputs and outputs (a scheduling hint).
+
+    It also makes the actor's resources differ from the CPU stages', so Ray does not fuse reading and
+    decoding into the actor (it would, when both ask for one CPU), which would serialise them with the network."""
+    from ..models import get_spec
+
+    return (1024 if get_spec(model).runtime == "onnx" else 4096) * 1024 * 1024
 
 
 def _weights(weights):
@@ -377,7 +387,9 @@ def run_ray_job(args) -> int:
     except (RayMissingError, ValueError, OSError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    manifest = _Manifest(args.manifest or storage.join(str(args.output), "manifest.jsonl"))
+    args.output = storage.location(args.output)
+    manifest = _Manifest(storage.location(args.manifest) if args.manifest else storage.join(args.output,
+                                                                                             "manifest.jsonl"))
     totals = dict.fromkeys(STAGES, 0.0)
     started = time.perf_counter()
     processed = 0
@@ -436,3 +448,14 @@ def summary(written: int, failed: int, skipped: int, wall: float, totals: dict, 
     if skipped:
         text += f"\n{skipped} inputs had every output already (--overwrite replaces them)"
     return text
+
+
+def remove_parser():
+    """The CLI's `rmbg remove` parser with the Ray flags (added here until the CLI adds them itself)."""
+    from ..cli import build_parser
+
+    parser = build_parser()
+    remove = parser._subparsers._group_actions[0].choices["remove"]
+    if "--ray" not in remove._option_string_actions:
+        add_ray_arguments(remove)
+    return parser

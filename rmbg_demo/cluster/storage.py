@@ -7,6 +7,7 @@ Anything without "scheme://" (or with file://) is a local path.
 from __future__ import annotations
 
 import fnmatch
+import re
 import threading
 from pathlib import Path, PurePosixPath
 
@@ -36,11 +37,23 @@ def filesystem(uri: str):
     from pyarrow import fs as pafs
 
     scheme, rest = uri.split("://", 1)
+    rest, _, query = rest.partition("?")
     key = f"{scheme}://{rest.split('/', 1)[0]}"
     with _filesystems_lock:
         if key not in _filesystems:
-            _filesystems[key] = pafs.FileSystem.from_uri(uri)[0]
-    return _filesystems[key], rest.split("?", 1)[0].rstrip("/")
+            if scheme == "s3" and "allow_delayed_open" not in query:
+                # Small objects then go up as one PutObject rather than a multipart upload.
+                query = "&".join(filter(None, [query, "allow_delayed_open=true"]))
+            _filesystems[key] = pafs.FileSystem.from_uri(f"{key}?{query}" if query else key)[0]
+    return _filesystems[key], rest.rstrip("/")
+
+
+def location(value) -> str:
+    """A CLI value as a location. `pathlib.Path("s3://b/k")` collapses to "s3:/b/k": that is repaired, so
+    a parser declaring `-o` with `type=Path` still reaches the bucket (a local folder "s3:" is never meant)."""
+    text = str(value)
+    match = re.match(r"^([a-z][a-z0-9+.-]*):/([^/].*)$", text)
+    return f"{match.group(1)}://{match.group(2)}" if match and match.group(1) != "file" else text
 
 
 def join(base: str, name: str) -> str:
