@@ -7,6 +7,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from email.message import Message
 
 
 class RemoteError(RuntimeError):
@@ -25,7 +26,7 @@ class RemoteRemover:
         self.timeout = timeout
 
     def remove(self, image: bytes, *, model: str | None = None, background: str | None = None,
-               format: str = "png", refine: bool = False, mask: bool = False) -> tuple[bytes, dict[str, str]]:
+               format: str = "png", refine: bool = False, mask: bool = False) -> tuple[bytes, Message]:
         """The cut-out (or, with `mask`, the mask) of `image`, encoded as `format`, and the answer's headers
         (X-Model: the model that ran; X-Seconds, Server-Timing: where the time went)."""
         query = {"format": format}
@@ -41,7 +42,7 @@ class RemoteRemover:
                                          method="POST", headers={"Content-Type": "application/octet-stream"})
         return self._send(request)
 
-    def remove_url(self, url: str, **settings) -> tuple[bytes, dict[str, str]]:
+    def remove_url(self, url: str, **settings) -> tuple[bytes, Message]:
         """The same for an image the service fetches itself (under its SSRF rules)."""
         query = {k: ("1" if v is True else v) for k, v in settings.items() if v not in (None, False)}
         request = urllib.request.Request(f"{self.url}/remove?{urllib.parse.urlencode(query)}",
@@ -60,10 +61,10 @@ class RemoteRemover:
         except (OSError, urllib.error.URLError):
             return False
 
-    def _send(self, request) -> tuple[bytes, dict[str, str]]:
+    def _send(self, request) -> tuple[bytes, Message]:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read(), dict(response.headers.items())
+                return response.read(), response.headers  # case-insensitive: headers["X-Model"]
         except urllib.error.HTTPError as exc:
             body = exc.read()
             try:
