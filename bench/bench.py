@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "fixtures" / "rmbg2"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import model_card  # noqa: E402
+from common import OUT, ROOT, device_name, fixture_network, fixture_weights_file, sync  # noqa: E402
+from common import report as write_report  # noqa: E402
 
-from rmbg_demo import build_model, load_model  # noqa: E402
+from rmbg_demo import load_model  # noqa: E402
 from rmbg_demo.pipeline import RemovalPipeline  # noqa: E402
 
 DEFAULT_IMAGES = [ROOT / "assets" / n for n in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")]
@@ -44,35 +44,21 @@ DEFAULT_IMAGES = [ROOT / "assets" / n for n in ("chelsea.jpg", "coffee.jpg", "as
 def network(args, device, dtype=None):
     if args.weights:
         return load_model(args.model, args.weights, device=device, dtype=dtype)
-    import parity
-
-    model = build_model(args.model)
-    model.load_state_dict(parity.deterministic_state_dict(model), strict=False)
-    return model.to(device=device, dtype=dtype).eval()
+    return fixture_network(args.model, device, dtype)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def torch_engine(pipeline):
+    """The TorchEngine under any wrapper (request batching)."""
+    engine = pipeline.engine
+    return getattr(engine, "engine", engine)
 
 
 def card_run(model, paths, size, device):
-    """The model card's snippet, per image."""
-    transform_image = transforms.Compose([
-        transforms.Resize((size, size)),
-        transforms.ToTensor(),
-        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    ])
+    """The model card's snippet (bench/model_card.py), per image."""
     masks, times = [], []
     for path in paths:
         started = time.perf_counter()
-        image = Image.open(path).convert("RGB")
-        input_images = transform_image(image).unsqueeze(0).to(device)
-        with torch.no_grad():
-            preds = model(input_images)[-1].sigmoid().cpu()
-        mask = transforms.ToPILImage()(preds[0].squeeze()).resize(image.size)
-        image.putalpha(mask)
-        image.save(Path(args_out_dir) / f"card-{Path(path).stem}.png")
+        mask = model_card.cut_out(model, path, args_out_dir, device, size)
         times.append(time.perf_counter() - started)
         masks.append(np.asarray(mask, dtype=np.int16))
     return masks, times
@@ -86,7 +72,7 @@ def ours_run(pipeline, paths):
         started = time.perf_counter()
         result = pipeline(path)
         (Path(args_out_dir) / f"ours-{Path(path).stem}.png").write_bytes(encode_image(result.cutout()))
-        sync(pipeline.device)
+        sync(torch_engine(pipeline).torch_device)
         times.append(time.perf_counter() - started)
         masks.append(np.asarray(result.mask, dtype=np.int16))
     return masks, times
@@ -98,7 +84,7 @@ def concurrent_run(pipeline, paths, clients: int, rounds: int) -> float:
     with ThreadPoolExecutor(max_workers=clients) as pool:
         started = time.perf_counter()
         list(pool.map(lambda path: pipeline(path).mask, work))
-        sync(pipeline.device)
+        sync(torch_engine(pipeline).torch_device)
         return len(work) / (time.perf_counter() - started)
 
 
@@ -110,7 +96,7 @@ def profile_forward(pipeline, path) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pipeline.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         pipeline.probabilities(batch)
-        sync(pipeline.device)
+        sync(torch_engine(pipeline).torch_device)
     key = "self_cuda_time_total" if pipeline.device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=30)
 
@@ -146,19 +132,7 @@ def peak_memory(device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (process)"
 
 
-args_out_dir = ROOT / "bench" / "out"
-
-
-def fixture_weights_file(model: str) -> Path:
-    """The parity fixture's weights as a real .safetensors file, so loading is timed as users see it."""
-    import parity
-    from safetensors.torch import save_file
-
-    path = args_out_dir / f"{model}-fixture.safetensors"
-    if not path.exists():
-        net = build_model(model)
-        save_file(parity.deterministic_state_dict(net), str(path))
-    return path
+args_out_dir = OUT
 
 
 def cli_benchmark(args) -> str:
@@ -199,7 +173,8 @@ def cli_benchmark(args) -> str:
         "|---|---|---|",
         rows,
         "",
-        f"- speed-up: {card / ours:.2f}x; alpha difference of ours vs the card: {difference(alpha['card'], alpha['cli'])}; "
+        f"- speed-up: {card / ours:.2f}x; "
+        f"alpha difference of ours vs the card: {difference(alpha['card'], alpha['cli'])}; "
         f"vs our pipeline in float32: {difference(reference, alpha['cli'])}",
         "",
     ])
@@ -257,7 +232,8 @@ def main():
             times[name] += t
             memory[name] = peak_memory(device)
     card_masks, ours_masks = masks["model card (fp32)"], masks["ours"]
-    reference = ours_masks if pipeline.dtype == torch.float32 else float32_masks(args, device, args.images)
+    in_float32 = torch_engine(pipeline).dtype == torch.float32
+    reference = ours_masks if in_float32 else float32_masks(args, device, args.images)
     stats = {name: summary(t, len(args.images)) for name, t in times.items()}
     card, ours = stats["model card (fp32)"], stats["ours"]
     rows = [f"| {name} | 1 | {sides[name][0]:.2f} | {st['median_s']:.3f} | {st['p95_s']:.3f} | "
@@ -287,7 +263,8 @@ def main():
     ]
     if args.compile:
         uncompiled = stats["ours, not compiled"]
-        lines.insert(-1, f"- compiled vs not compiled (median latency): {uncompiled['median_s'] / ours['median_s']:.2f}x; "
+        speedup = uncompiled["median_s"] / ours["median_s"]
+        lines.insert(-1, f"- compiled vs not compiled (median latency): {speedup:.2f}x; "
                          f"compiling and warm-up: {ours_start - sides['ours, not compiled'][0]:.1f} s")
     if args.profile:
         path = args_out_dir / f"profile-{device.type}.txt"
@@ -296,17 +273,8 @@ def main():
     report("\n".join(lines), args)
 
 
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def report(text: str, args) -> None:
-    print(text)
-    if not args.no_append:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as results:
-            results.write(text + "\n")
+    write_report(text, append=not args.no_append)
 
 
 if __name__ == "__main__":

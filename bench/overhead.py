@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, report  # noqa: E402
 
 from rmbg_demo.compose import cutout  # noqa: E402
 from rmbg_demo.imageio import encode_image, load_image  # noqa: E402
@@ -62,7 +62,7 @@ def main():
     pipeline = RemovalPipeline("u2netp", device="cpu")
     decode_s, image = timed(lambda: load_image(path), args.runs)
     pre_s, batch = timed(lambda: pipeline.preprocess(image), args.runs)
-    net_s, probs = timed(lambda: pipeline.probabilities(batch), args.runs)
+    net_s, probs = timed(lambda: pipeline.engine(batch), args.runs)
     post_s, mask = timed(lambda: pipeline.to_mask(probs[0], image.size), args.runs)
     compose_s, cut = timed(lambda: cutout(image, mask), args.runs)
     encode_s, png = timed(lambda: encode_image(cut, "png", compress_level=1), args.runs)
@@ -74,7 +74,8 @@ def main():
         f"({platform.machine()}, {torch.get_num_threads()} threads)",
         f"- command: `python bench/overhead.py {' '.join(sys.argv[1:])}`; medians of {args.runs} runs",
         "",
-        "| decode | preprocess | postprocess (mask resize) | compose | PNG encode (level 1) | total, network excluded |",
+        "| decode | preprocess | postprocess (mask resize) | compose | PNG encode (level 1) "
+        "| total, network excluded |",
         "|---|---|---|---|---|---|",
         f"| {decode_s:.3f} s | {pre_s:.3f} s | {post_s:.3f} s | {compose_s:.3f} s | {encode_s:.3f} s | "
         f"**{overhead:.3f} s** |",
@@ -85,10 +86,7 @@ def main():
         f"{default_s:.3f} s, {len(png6) / 2**20:.1f} MiB",
         "",
     ])
-    print(text)
-    if not args.no_append:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as results:
-            results.write(text + "\n")
+    report(text, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, encode_image, image_files, write_atomic
+from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, encode_image, image_files, write_atomic
 from .models import REGISTRY, model_names
+from .options import add_compile_argument, add_model_arguments
 
 log = logging.getLogger("rmbg_demo")
 
@@ -20,14 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     remove = sub.add_parser("remove", help="cut out the subject of each image",
-                            description="Writes OUT_DIR/<name>.png (RGBA) per input; a bad file is reported and skipped.")
+                            description="Writes OUT_DIR/<name>.png (RGBA) per input; a bad file is reported and "
+                                        "skipped.")
     remove.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     remove.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR")
     add_model_arguments(remove)
     remove.add_argument("--batch-size", type=int, default=1, metavar="N")
-    remove.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                        help="torch.compile the network first (default backend: inductor); pays off on a GPU "
-                             "for many images, not on the CPU")
+    add_compile_argument(remove)
     remove.add_argument("--mask", action="store_true", help="also write <name>_mask.png (8-bit greyscale)")
     remove.add_argument("--format", choices=sorted(FORMAT_EXTENSIONS), default="png", help="png, or lossless webp")
     remove.add_argument("--background", metavar="COLOR|blur|IMAGE",
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--refine", action="store_true", help="re-estimate colours at soft edges (no halo)")
     remove.add_argument("--recursive", "-r", action="store_true", help="look into sub-folders of folder inputs")
     remove.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
-    remove.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (default 50 MP)")
+    remove.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse larger images (default 50 MP)")
     remove.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("models", help="list the models, their licences and whether their weights are here")
@@ -44,11 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Images and masks are matched by file stem; unmatched files are listed.")
     evaluate.add_argument("images_dir", type=Path, metavar="IMAGES_DIR")
     evaluate.add_argument("masks_dir", type=Path, metavar="MASKS_DIR")
-    evaluate.add_argument("--model", action="append", required=True, choices=model_names(), help="repeat to compare")
-    evaluate.add_argument("--weights", type=Path, metavar="FILE", help="weights, when one model is evaluated")
+    add_model_arguments(evaluate, repeatable=True)  # --weights applies when one model is evaluated
     evaluate.add_argument("--csv", type=Path, metavar="FILE", help="one row per (image, model)")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
 
     bench = sub.add_parser("make-benchmark", help="paste RGBA foregrounds on backgrounds: images/ and masks/")
     bench.add_argument("foregrounds_dir", type=Path, metavar="FOREGROUNDS_DIR")
@@ -60,19 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="a labelled collage: each image, then each model's cut-out")
     compare.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    compare.add_argument("--model", action="append", required=True, choices=model_names())
     compare.add_argument("-o", "--output", type=Path, required=True, metavar="COLLAGE.png")
-    compare.add_argument("--device", default="auto")
-    compare.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    add_model_arguments(compare, repeatable=True)
     return parser
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="auto", choices=["auto", *model_names()],
-                        help="auto: rmbg-2.0 if its weights resolve, else the embedded u2netp")
-    parser.add_argument("--weights", type=Path, metavar="FILE", help="a .safetensors/.pth/.bin file or a folder")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
 
 
 @dataclass
@@ -149,29 +137,15 @@ def process_jobs(pipeline, jobs: list[Job], args) -> tuple[int, list[str]]:
     written, failed = 0, []
     background = resolve_background(args.background)
     bar = tqdm(total=len(jobs), unit="img", disable=args.quiet, file=sys.stderr)
-    for start in range(0, len(jobs), pipeline.batch_size):
-        batch, loaded = jobs[start:start + pipeline.batch_size], []
-        for job in batch:
-            try:
-                loaded.append((job, pipeline.load(job.source)))
-            except (ImageDecodeError, OSError) as exc:
-                failed.append(report(bar, job.source, exc))
-                bar.update(1)
-        if not loaded:
-            continue
+    for job, outcome in zip(jobs, pipeline.iter_results(job.source for job in jobs)):
         try:
-            masks = pipeline.predict_masks([image for _, image in loaded])
-        except RuntimeError as exc:  # out of memory even at batch size 1, or a device error
-            failed += [report(bar, job.source, exc) for job, _ in loaded]
-            bar.update(len(loaded))
-            continue
-        for (job, image), mask in zip(loaded, masks):
-            try:
-                save_outputs(job, image, mask, pipeline, background, args)
-                written += 1
-            except (OSError, ValueError) as exc:
-                failed.append(report(bar, job.source, exc))
-            bar.update(1)
+            if outcome.error is not None:
+                raise outcome.error
+            save_outputs(job, outcome.result, background, args)
+            written += 1
+        except (OSError, ValueError, RuntimeError) as exc:
+            failed.append(report(bar, job.source, exc))
+        bar.update(1)
     bar.close()
     return written, failed
 
@@ -191,16 +165,13 @@ def resolve_background(spec: str | None):
     return spec
 
 
-def save_outputs(job: Job, image, mask, pipeline, background, args) -> None:
-    from .pipeline import RemovalResult
-
-    result = RemovalResult(image, mask, pipeline.model_name, source=str(job.source))
+def save_outputs(job: Job, result, background, args) -> None:
     todo = {kind: path for kind, path in job.outputs.items() if args.overwrite or not path.exists()}
     if "image" in todo:
         out = result.composite(background, refine=args.refine)
         write_atomic(encode_image(out, args.format), todo["image"], overwrite=args.overwrite)
     if "mask" in todo:
-        write_atomic(encode_image(mask, args.format), todo["mask"], overwrite=args.overwrite)
+        write_atomic(encode_image(result.mask, args.format), todo["mask"], overwrite=args.overwrite)
 
 
 def report(bar, source, exc) -> str:
@@ -214,7 +185,12 @@ def run_models(_args) -> int:
 
     for name in model_names():
         spec = REGISTRY[name]
-        here = "available" if weights_available(name) else f"weights not found ({spec.page_url})"
+        if weights_available(name):
+            here = "embedded" if spec.embedded else "available"
+        else:
+            size = f", ~{spec.download_mb} MB" if spec.download_mb else ""
+            gated = "; gated: accept the licence and set HF_TOKEN" if spec.gated else ""
+            here = f"downloads on first use ({spec.page_url}{size}{gated})"
         print(f"{name:18} {spec.title} | licence: {spec.licence} | {here}")
     return 0
 
@@ -223,15 +199,17 @@ def run_eval(args) -> int:
     from .evaluation import evaluate, markdown_table, write_csv
 
     report = evaluate(args.images_dir, args.masks_dir, args.model, device=args.device, dtype=args.dtype,
-                      weights=args.weights, progress=lambda items, desc: tqdm(items, desc=desc, file=sys.stderr))
+                      weights=args.weights, progress=lambda items, **kw: tqdm(items, file=sys.stderr, **kw))
     for path in report.unmatched_images:
         print(f"unmatched image (no mask with its name): {path}", file=sys.stderr)
     for path in report.unmatched_masks:
         print(f"unmatched mask (no image with its name): {path}", file=sys.stderr)
+    for message in report.errors:
+        print(f"error: {message}", file=sys.stderr)
     print(markdown_table(report))
     if args.csv:
         write_csv(report, args.csv)
-    return 0 if report.rows else 1
+    return 1 if report.errors or not report.rows else 0
 
 
 def run_make_benchmark(args) -> int:
@@ -260,7 +238,10 @@ COMMANDS = {"remove": run_remove, "models": run_models, "eval": run_eval, "make-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from .engines import configure_torch
     from .weights import WeightsError
+
+    configure_torch(getattr(args, "device", "auto"))
 
     try:
         return COMMANDS[args.command](args)

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import csv
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,11 @@ class MetricSet:
     """pysodmetrics' measures, accumulated over images (dataset-level figures, as papers report them)."""
 
     def __init__(self):
-        import py_sod_metrics as sod
+        try:
+            import py_sod_metrics as sod
+        except ImportError:
+            raise ImportError("rmbg eval needs pysodmetrics: pip install 'rmbg-demo[eval]' "
+                              "(or pip install pysodmetrics)") from None
 
         with warnings.catch_warnings():  # Fmeasure is the classic F-curve BiRefNet reports; V2 warns
             warnings.simplefilter("ignore")
@@ -82,26 +85,35 @@ class EvalReport:
     summary: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> metrics + seconds
     unmatched_images: list[Path] = field(default_factory=list)
     unmatched_masks: list[Path] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # images that could not be scored, and why
 
 
 def evaluate(images_dir, masks_dir, models: list[str], *, device="auto", dtype="auto", weights=None,
-             progress=None) -> EvalReport:
+             progress=None, batch_size: int = 1) -> EvalReport:
+    """Each model's masks for the images that have a true mask, scored per image and over the set.
+    An image that cannot be read (or a failed batch) is listed in `report.errors`, not scored."""
     from .pipeline import RemovalPipeline
 
     pairs, lonely_images, lonely_masks = match_pairs(images_dir, masks_dir)
     report = EvalReport(unmatched_images=lonely_images, unmatched_masks=lonely_masks)
     for model in models:
-        pipeline = RemovalPipeline(model, weights if len(models) == 1 else None, device, dtype)
+        pipeline = RemovalPipeline(model, weights if len(models) == 1 else None, device, dtype, batch_size=batch_size)
         dataset, seconds = MetricSet(), []
-        for image_path, mask_path in (progress(pairs, desc=model) if progress else pairs):
-            started = time.perf_counter()
-            mask = pipeline(image_path).mask
-            seconds.append(time.perf_counter() - started)
+        outcomes = pipeline.iter_results(image for image, _ in pairs)
+        if progress:
+            outcomes = progress(outcomes, desc=model, total=len(pairs))
+        for (image_path, mask_path), outcome in zip(pairs, outcomes):
+            if outcome.error is not None:
+                report.errors.append(f"{image_path} ({pipeline.model_name}): {outcome.error}")
+                continue
+            mask = outcome.result.mask
+            seconds.append(outcome.result.seconds)
             prediction, truth = np.asarray(mask), load_truth(mask_path, mask.size)
             dataset.add(prediction, truth)
             report.rows.append({"image": image_path.name, "model": pipeline.model_name,
                                 **image_metrics(prediction, truth), "seconds": seconds[-1]})
-        report.summary[pipeline.model_name] = {**dataset.results(), "seconds": float(np.mean(seconds or [0.0]))}
+        if seconds:
+            report.summary[pipeline.model_name] = {**dataset.results(), "seconds": float(np.mean(seconds))}
     return report
 
 
@@ -189,5 +201,6 @@ def compare_collage(images, models: list[str], *, cell: int = 320, device="auto"
             tile.thumbnail((cell - 8, cell - 8))
             background = checkerboard(tile.size)
             background.alpha_composite(tile)
-            grid.paste(background.convert("RGB"), (col * cell + (cell - tile.width) // 2, top + (cell - tile.height) // 2))
+            corner = (col * cell + (cell - tile.width) // 2, top + (cell - tile.height) // 2)
+            grid.paste(background.convert("RGB"), corner)
     return grid

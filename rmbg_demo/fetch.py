@@ -179,7 +179,7 @@ def fetch_url(url: str, *, allow_private: bool | None = None, max_bytes: int = D
                 if response.status != 200:
                     raise URLFetchError(f"the server answered {response.status} {response.reason}")
                 body = _read_capped(response, max_bytes, deadline, url)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 raise URLFetchError(f"timed out after {read_timeout:g} s reading from {url}") from None
             except ssl.SSLError as exc:
                 raise URLFetchError(f"TLS failed for {host}: {exc.reason or exc}") from None

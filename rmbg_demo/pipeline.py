@@ -1,81 +1,43 @@
-"""Image in -> mask out: the predictor that owns pre- and post-processing for every registered model.
+"""Image in -> mask out: decode -> preprocess -> engine -> postprocess, for every registered model.
 
-Preprocessing is the RMBG-2.0 model card's (resize to the network's input size, bilinear and
-antialiased; scale to [0, 1]; normalise), done with torch on the inference device.
-Postprocessing: activation (sigmoid for logit maps), bicubic resize back to the original size
-(Pillow's kernel, a = -0.5, as the card's `PIL.Image.resize` does), rounding to an 8-bit mask.
+`RemovalPipeline` is thin: the spec (`rmbg_demo.models`) says how to pre- and post-process
+(`rmbg_demo.processing`), an engine (`rmbg_demo.engines`) runs the network. Front ends (CLI,
+page, cluster jobs, services) choose sources, sinks and an engine; `iter_results` is the one
+batch loop they share.
 """
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from concurrent.futures import Future
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from . import compose
-from .imageio import DEFAULT_MAX_PIXELS, load_image
-from .models import ModelSpec, get_spec
-from .weights import load_model, weights_available
+from . import compose, processing
+from .engines import Engine, RequestBatcher, build_engine
+from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from .models import DEFAULT, FALLBACK, ModelSpec, get_spec
+from .weights import weights_available
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def pick_device(device: str | torch.device | None = "auto") -> torch.device:
-    """'auto': CUDA, then Apple's MPS, then the CPU."""
-    if device not in (None, "auto"):
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cpu_has_fast_bfloat16() -> bool:
-    """True on CPUs with native bf16 matmuls (AVX512-BF16, AMX), where oneDNN runs them ~2x faster."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto': float16 on CUDA, bfloat16 on CPUs with native bf16, else float32.
-
-    Both half types keep masks within 2/255 of float32 (tests/test_pipeline.py); the
-    deformable convolutions still compute in float32."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bfloat16() else torch.float32
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(DTYPES)}") from None
-
 
 def choose_model(model: str | None = "auto", weights=None) -> str:
-    """The model to run: the one asked for, or for 'auto' RMBG-2.0 when its weights resolve, else the embedded one."""
+    """The model to run: the one asked for, or for 'auto' the default when its weights are on
+    this machine (or given), else the embedded fallback. Never waits for the network."""
     if model not in (None, "auto"):
         return get_spec(model).name
-    if weights is not None or weights_available("rmbg-2.0"):
-        chosen = "rmbg-2.0"
+    if weights is not None or weights_available(DEFAULT):
+        chosen = DEFAULT
     else:
-        chosen = "u2netp"
-        log.warning("RMBG-2.0 weights not available (accept the licence at https://huggingface.co/briaai/RMBG-2.0 "
-                    "and set HF_TOKEN, or pass --weights): using the embedded u2netp model")
+        chosen = FALLBACK
+        spec = get_spec(DEFAULT)
+        log.warning("%s weights not found on this machine (accept the licence at %s and set HF_TOKEN, or pass "
+                    "--weights): using the embedded %s model", DEFAULT, spec.page_url, FALLBACK)
     log.info("model: %s", chosen)
     return chosen
 
@@ -114,228 +76,137 @@ class RemovalResult:
         return compose.replace_background(self.foreground(refine), self.mask, background)
 
 
-class RequestBatcher:
-    """Runs the network for many concurrent callers, several images at a time.
+@dataclass
+class Outcome:
+    """One source's fate in `iter_results`: its result, or the error that stopped it."""
 
-    Callers decode and preprocess on their own threads, then hand their input here and wait.
-    One worker thread takes everything queued (up to `max_batch` images) and runs it as one
-    batch: a lone request starts at once, so batching adds no latency, and under load the
-    device sees full batches. A network failure reaches every caller of that batch; a bad
-    file never gets this far (it fails its own caller's decode).
-    """
-
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], max_batch: int, name: str = "network"):
-        self.run = run
-        self.max_batch = max(1, int(max_batch))
-        self.name = name
-        self.batches = 0  # counters, for logs and tests
-        self.largest = 0
-        self._pending: list[tuple[torch.Tensor, Future]] = []
-        self._wake = threading.Condition()
-        self._worker: threading.Thread | None = None
+    source: object
+    result: RemovalResult | None = None
+    error: Exception | None = None
 
     @property
-    def queued(self) -> int:
-        """Images waiting for the network (not counting the batch running now)."""
-        with self._wake:
-            return sum(len(batch) for batch, _ in self._pending)
+    def name(self) -> str:
+        return _name(self.source) or "image"
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) network input -> the network's (n, 1, h, w) probabilities; blocks until done."""
-        future: Future = Future()
-        with self._wake:
-            self._pending.append((batch, future))
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._serve, name=f"batcher-{self.name}", daemon=True)
-                self._worker.start()
-            self._wake.notify()
-        return future.result()
 
-    def _take(self) -> list[tuple[torch.Tensor, Future]]:
-        """The oldest request, then more in arrival order while they fit in `max_batch` images."""
-        with self._wake:
-            while not self._pending:
-                self._wake.wait()
-            taken, images = [], 0
-            while self._pending and (not taken or images + len(self._pending[0][0]) <= self.max_batch):
-                taken.append(self._pending.pop(0))
-                images += len(taken[-1][0])
-            return taken
-
-    def _serve(self) -> None:
-        while True:
-            taken = self._take()
-            try:
-                out = self.run(torch.cat([batch for batch, _ in taken]) if len(taken) > 1 else taken[0][0])
-            except BaseException as exc:  # noqa: BLE001 - handed to the callers, who raise it
-                for _, future in taken:
-                    future.set_exception(exc)
-                continue
-            self.batches += 1
-            self.largest = max(self.largest, len(out))
-            if len(taken) > 1:
-                log.info("%s: one batch of %d images for %d requests", self.name, len(out), len(taken))
-            start = 0
-            for batch, future in taken:
-                future.set_result(out[start:start + len(batch)])
-                start += len(batch)
+# What one bad input may raise without stopping the others: undecodable or missing files,
+# and a network failure (out of memory even for one image, a device error) for its batch.
+INPUT_ERRORS = (ImageDecodeError, OSError)
+BATCH_ERRORS = (RuntimeError,)
 
 
 class RemovalPipeline:
-    """Loads one model once; turns images into masks and cut-outs, in batches, on one device.
+    """One model, loaded once; images in, masks and cut-outs out, `batch_size` images a pass.
 
-    `batch_size`: images per network batch within one call. `batch_requests` > 1: concurrent
-    calls (the app's users) share network batches of up to that many images.
-    `compile`: a `torch.compile` backend ("inductor") to compile the network with, warmed up
-    here for every batch size it will see, so no request pays for compilation.
+    `engine`: where the network runs (default: built from the model and weights, see
+    `rmbg_demo.engines.build_engine`). `batch_requests` > 1: concurrent calls (a server's
+    users) share network batches of up to that many images. `compile`: a `torch.compile`
+    backend, warmed up for every batch size before the first image. `input_size` (H, W):
+    the network's resolution, default the model's own.
     """
 
     def __init__(self, model: str | None = "auto", weights=None, device="auto", dtype="auto", batch_size: int = 1,
                  max_pixels: int = DEFAULT_MAX_PIXELS, input_size: tuple[int, int] | None = None, network=None,
-                 batch_requests: int = 1, compile: str | None = None):
+                 batch_requests: int = 1, compile: str | None = None, engine: Engine | None = None):
         self.model_name = choose_model(model, weights)
         self.spec: ModelSpec = get_spec(self.model_name)
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device) if self.spec.runtime == "torch" else torch.float32
         self.batch_size = max(1, int(batch_size))
         self.max_pixels = max_pixels
-        self.input_size = tuple(input_size or self.spec.input_size)
         started = time.perf_counter()
-        # `network` lets a caller hand in a model it already built (tests, benchmarks).
-        self.network = network if network is not None else load_model(
-            self.model_name, weights, device=self.device if self.spec.runtime == "torch" else None,
-            dtype=self.dtype if self.spec.runtime == "torch" else None)
-        if self.spec.runtime == "torch":
-            self.network = self.network.to(device=self.device, dtype=self.dtype).eval()
-            if self.device.type == "cuda":
-                tune_cuda()
+        if engine is None:
+            size = tuple(input_size or self.spec.input_size)
+            engine = build_engine(self.spec, weights, device, dtype, network=network, input_size=size,
+                                  compile=compile, max_batch=max(self.batch_size, batch_requests))
+        self.engine = RequestBatcher(engine, batch_requests) if batch_requests > 1 else engine
+        self.input_size = tuple(input_size or engine.fixed_size or self.spec.input_size)
+        if engine.fixed_size and engine.fixed_size != self.input_size:
+            raise ValueError(f"this {engine.name} model runs at {engine.fixed_size[1]}x{engine.fixed_size[0]} only, "
+                             f"not {self.input_size[1]}x{self.input_size[0]}")
         self.load_seconds = time.perf_counter() - started
-        self._mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
-        log.info("%s on %s (%s), loaded in %.1f s", self.model_name, self.device, str(self.dtype).replace("torch.", ""),
-                 self.load_seconds)
-        self.batcher = RequestBatcher(self.probabilities_within_memory, batch_requests, self.model_name) \
-            if batch_requests > 1 else None
-        self.compiled_batch_sizes: tuple[int, ...] = ()
-        self.compile_seconds = 0.0
-        if compile:
-            self.compile_network(compile, max(self.batch_size, batch_requests))
+        log.info("%s: %s, loaded in %.1f s", self.model_name, self.engine.describe(), self.load_seconds)
 
     @property
     def title(self) -> str:
         return self.spec.title
 
+    @property
+    def batcher(self) -> RequestBatcher | None:
+        return self.engine if isinstance(self.engine, RequestBatcher) else None
+
     def describe(self) -> str:
-        dtype = str(self.dtype).replace("torch.", "")
-        compiled = ", compiled" if self.compiled_batch_sizes else ""
-        return (f"{self.spec.title} [{self.model_name}] on {self.device.type} ({dtype}{compiled}); "
+        size = f"{self.input_size[1]}x{self.input_size[0]}"
+        return (f"{self.spec.title} [{self.model_name}] at {size}, {self.engine.describe()}; "
                 f"licence: {self.spec.licence}")
 
-    def compile_network(self, backend: str, max_batch: int) -> None:
-        """`torch.compile` with static shapes, then one warm-up pass per batch size the network
-        will see (powers of two up to `max_batch`; batches are zero-padded up to the next one)."""
-        if self.spec.runtime != "torch":
-            raise ValueError(f"compiling needs a PyTorch network; {self.model_name} is an {self.spec.runtime} "
-                             "graph run by onnxruntime")
-        started = time.perf_counter()
-        self.network = torch.compile(self.network, backend=backend, dynamic=False)
-        self.compiled_batch_sizes = compiled_batch_sizes(max_batch)
-        for size in self.compiled_batch_sizes:
-            self.probabilities(torch.zeros(size, 3, *self.input_size, device=self.device))
-        self.compile_seconds = time.perf_counter() - started
-        log.info("%s compiled (%s) for batches of %s in %.1f s", self.model_name, backend,
-                 "/".join(map(str, self.compiled_batch_sizes)), self.compile_seconds)
-
-    def _padded(self, batch: torch.Tensor) -> torch.Tensor:
-        """A compiled network's input zero-padded to the next batch size it was warmed up for."""
-        size = next((s for s in self.compiled_batch_sizes if s >= len(batch)), len(batch))
-        if size == len(batch):
-            return batch
-        return torch.cat([batch, batch.new_zeros(size - len(batch), *batch.shape[1:])])
-
-    # -- preprocess -----------------------------------------------------------------
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """(1, 3, H, W) normalised network input from an RGB(A) image."""
-        rgb = np.array(image.convert("RGB") if image.mode != "RGB" else image)  # a writable copy
-        pixels = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float()
-        resized = F.interpolate(pixels, size=self.input_size, mode="bilinear", align_corners=False,
-                                antialias=self.spec.resize_antialias)
-        return (resized / 255.0 - self._mean) / self._std
-
-    # -- network ----------------------------------------------------------------------
-    @torch.inference_mode()
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 1, h, w) foreground probabilities at the network's resolution, float32."""
-        network_input = batch.to(self.dtype) if self.spec.runtime == "torch" else batch
-        if self.compiled_batch_sizes:
-            network_input = self._padded(network_input)
-        out = self.network(network_input)[self.spec.output_index][:len(batch)].float().to(self.device)
-        if self.spec.activation == "sigmoid":
-            return out.sigmoid()
-        # Probability maps stretched to 0..1 per image, as rembg and the RMBG-1.4 card do. Done
-        # before resizing so that a bicubic overshoot cannot lift the background above 0.
-        low = out.amin(dim=(1, 2, 3), keepdim=True)
-        high = out.amax(dim=(1, 2, 3), keepdim=True)
-        return (out - low) / (high - low).clamp_min(1e-8)
-
-    # -- postprocess ------------------------------------------------------------------
-    def to_mask(self, probability: torch.Tensor, size: tuple[int, int]) -> Image.Image:
-        """(1, h, w) probabilities -> 8-bit mask of `size` (width, height)."""
-        width, height = size
-        if self.spec.mask_resize == "bicubic":
-            # As the RMBG-2.0 card: 8 bits at the network's size (truncated, as its ToPILImage
-            # does), then Pillow's bicubic resize: its SIMD path on 8-bit images takes ~0.03 s
-            # for 12 MP where a float resize in torch took ~0.2 s.
-            small = (probability[0].clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
-            return Image.fromarray(small, "L").resize((width, height), Image.Resampling.BICUBIC)
-        resized = F.interpolate(probability[None], size=(height, width), mode="bilinear", align_corners=False)
-        mask = (resized[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        return Image.fromarray(mask, mode="L")
-
-    def predict_probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """(n, 1, h, w) float32 CPU probabilities at the network's size, `batch_size` images a pass."""
-        run = self.batcher or self.probabilities_within_memory
-        out = [run(torch.cat([self.preprocess(im) for im in images[start:start + self.batch_size]])).float().cpu()
-               for start in range(0, len(images), self.batch_size)]
-        return torch.cat(out)
-
-    def predict_masks(self, images: Sequence[Image.Image]) -> list[Image.Image]:
-        masks: list[Image.Image] = []
-        run = self.batcher or self.probabilities_within_memory
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            probs = run(torch.cat([self.preprocess(im) for im in chunk]))
-            masks += [self.to_mask(p, im.size) for p, im in zip(probs, chunk)]
-        return masks
-
-    def probabilities_within_memory(self, batch: torch.Tensor) -> torch.Tensor:
-        """`probabilities`, halving the batch when the device runs out of memory."""
-        try:
-            return self.probabilities(batch)
-        except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch) == 1:
-                raise RuntimeError(f"out of memory on {self.device} for a single image at "
-                                   f"{self.input_size[1]}x{self.input_size[0]}; try --device cpu or a smaller "
-                                   f"--dtype") from None
-            half = len(batch) // 2
-            log.warning("out of memory at batch %d on %s: retrying in halves", len(batch), self.device)
-            return torch.cat([self.probabilities_within_memory(batch[:half]),
-                              self.probabilities_within_memory(batch[half:])])
-
-    # -- the public face --------------------------------------------------------------
+    # -- the stages -------------------------------------------------------------------
     def load(self, source) -> Image.Image:
         return load_image(source, max_pixels=self.max_pixels)
 
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """(1, 3, H, W) float32 CPU network input."""
+        return processing.preprocess(image, self.spec, self.input_size)
+
+    def to_mask(self, probability: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+        """(1, h, w) probabilities -> 8-bit mask of `size` (width, height)."""
+        return processing.to_mask(probability, size, self.spec)
+
+    def predict_probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(n, 1, h, w) float32 CPU probabilities at the network's size, `batch_size` images a pass."""
+        return torch.cat([self.engine(torch.cat([self.preprocess(im) for im in images[start:start + self.batch_size]]))
+                          for start in range(0, len(images), self.batch_size)])
+
+    def predict_masks(self, images: Sequence[Image.Image]) -> list[Image.Image]:
+        masks: list[Image.Image] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            probabilities = self.predict_probabilities(chunk)
+            masks += [self.to_mask(p, im.size) for p, im in zip(probabilities, chunk)]
+        return masks
+
+    # -- the public face --------------------------------------------------------------
+    def iter_results(self, sources: Iterable) -> Iterator[Outcome]:
+        """Each source (path, bytes, PIL image, array) with its result or its own error, in input
+        order, `batch_size` at a time: memory stays bounded however many sources come, and a bad
+        file or a failed batch never stops the others."""
+        chunk: list = []
+        for source in sources:
+            chunk.append(source)
+            if len(chunk) == self.batch_size:
+                yield from self._results_of(chunk)
+                chunk = []
+        if chunk:
+            yield from self._results_of(chunk)
+
+    def _results_of(self, sources: list) -> list[Outcome]:
+        outcomes = [Outcome(source) for source in sources]
+        decoded: list[tuple[Outcome, Image.Image]] = []
+        for outcome in outcomes:
+            try:
+                decoded.append((outcome, self.load(outcome.source)))
+            except INPUT_ERRORS as exc:
+                outcome.error = exc
+        if decoded:
+            started = time.perf_counter()
+            try:
+                masks = self.predict_masks([image for _, image in decoded])
+            except BATCH_ERRORS as exc:
+                log.warning("inference failed for a batch of %d images: %s", len(decoded), exc)
+                for outcome, _ in decoded:
+                    outcome.error = exc
+                return outcomes
+            each = (time.perf_counter() - started) / len(decoded)
+            for (outcome, image), mask in zip(decoded, masks):
+                outcome.result = RemovalResult(image, mask, self.model_name, each, _name(outcome.source))
+        return outcomes
+
     def process(self, sources: Iterable) -> list[RemovalResult]:
-        """Decode and mask many inputs (paths, bytes, PIL images, arrays), `batch_size` at a time."""
-        sources = list(sources)
-        images = [self.load(s) for s in sources]
-        started = time.perf_counter()
-        masks = self.predict_masks(images)
-        each = (time.perf_counter() - started) / max(1, len(images))
-        return [RemovalResult(im, m, self.model_name, each, _name(s)) for s, im, m in zip(sources, images, masks)]
+        """Masks for many inputs; the first bad one raises its error."""
+        results = []
+        for outcome in self.iter_results(sources):
+            if outcome.error is not None:
+                raise outcome.error
+            results.append(outcome.result)
+        return results
 
     def __call__(self, source) -> RemovalResult:
         return self.process([source])[0]
@@ -343,19 +214,6 @@ class RemovalPipeline:
     def remove(self, source, *, background=None, refine: bool = False) -> Image.Image:
         """The cut-out (RGBA), or the subject over `background` (RGB)."""
         return self(source).composite(background, refine)
-
-
-def compiled_batch_sizes(max_batch: int) -> tuple[int, ...]:
-    """The batch sizes a compiled network is warmed up for: 1, 2, 4, ... below `max_batch`, and `max_batch`."""
-    return tuple(2**i for i in range(max_batch.bit_length()) if 2**i < max_batch) + (max_batch,)
-
-
-def tune_cuda() -> None:
-    """Settings that make fixed-size inference faster on NVIDIA GPUs: cuDNN picks the fastest
-    convolution algorithm for each shape once (every input is the same size), and float32
-    matmuls may use TF32, as the model card's `set_float32_matmul_precision('high')` does."""
-    torch.backends.cudnn.benchmark = True
-    torch.set_float32_matmul_precision("high")
 
 
 def _name(source) -> str | None:

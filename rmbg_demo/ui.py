@@ -1,6 +1,7 @@
 """The Gradio page: BRIA's RMBG-2.0 Space (tabs "input image" and "input url", API names
-`image` and `text`, answers = before/after pair then the PNG), plus masks, batch, settings
-and safe URL fetching."""
+`image` and `text`, answers = before/after pair then the PNG), plus masks, batch, compare,
+settings and safe URL fetching. Model names come from the registry; Gradio workarounds live
+in `gradio_compat`."""
 from __future__ import annotations
 
 import logging
@@ -18,9 +19,11 @@ import gradio as gr
 from PIL import Image
 
 from . import fetch
+from .engines import ZeroGpuEngine, build_engine, pick_device, zerogpu_decorator
+from .gradio_compat import RawImage
 from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, encode_image, load_image, write_atomic
-from .models import get_spec
-from .pipeline import RemovalPipeline, RemovalResult, choose_model, pick_device
+from .models import DEFAULT, REGISTRY, Runtime, get_spec, model_names
+from .pipeline import Outcome, RemovalPipeline, RemovalResult, choose_model
 from .weights import WeightsError, weights_available
 
 log = logging.getLogger(__name__)
@@ -28,8 +31,6 @@ log = logging.getLogger(__name__)
 TITLE = "RMBG-2.0 for background removal"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = ["chelsea.jpg", "astronaut.jpg", "coffee.jpg", "rocket.jpg"]
-ENABLE_RMBG2 = ("To use RMBG-2.0, accept its licence at https://huggingface.co/briaai/RMBG-2.0 and set `HF_TOKEN`, "
-                "or start the app with `--weights /path/to/model.safetensors`.")
 BACKGROUNDS = ["transparent", "colour", "blur", "image"]
 
 
@@ -46,54 +47,6 @@ def _seconds_pair(text: str | None, default: tuple[int, int]) -> tuple[int, int]
 DELETE_CACHE = _seconds_pair(os.environ.get("RMBG_DELETE_CACHE"), (600, 3600))
 
 
-def delete_cached_files(blocks: gr.Blocks, age: float | None) -> None:
-    """Gradio's periodic cache cleaning, made safe while requests run.
-
-    Gradio's own version iterates over its live sets of cached files; a request that adds a
-    file meanwhile raises "Set changed size during iteration", which ends the cleaning task
-    for good, and the cache then grows until the server restarts (seen under load). This one
-    walks a snapshot of each set. `age` None deletes everything (at shutdown).
-    """
-    keep = set()
-    for component in blocks.blocks.values():
-        keep.update(getattr(component, "keep_in_cache", ()))
-    now = time.time()
-    for cached in blocks.temp_file_sets:
-        gone = set()
-        for file in list(cached):
-            if file in keep:
-                continue
-            try:
-                if age is None or now - os.lstat(file).st_ctime > age:
-                    os.remove(file)
-                    gone.add(file)
-            except FileNotFoundError:
-                gone.add(file)
-        cached.difference_update(gone)
-
-
-def guard_cache_cleaning() -> None:
-    """Have Gradio's scheduled cleaning call `delete_cached_files` (it looks the function up
-    by name in `gradio.route_utils` on every round)."""
-    from gradio import route_utils
-
-    if not hasattr(route_utils, "delete_files_created_by_app"):
-        log.warning("gradio.route_utils.delete_files_created_by_app is gone; cache cleaning is Gradio's own")
-        return
-    route_utils.delete_files_created_by_app = delete_cached_files
-
-try:  # On Hugging Face ZeroGPU Spaces a GPU is attached only inside functions marked with spaces.GPU.
-    import spaces
-
-    gpu = spaces.GPU
-    ON_ZEROGPU = True
-except ImportError:
-    ON_ZEROGPU = False
-
-    def gpu(fn):
-        return fn
-
-
 @dataclass
 class DemoConfig:
     model: str | None = "auto"
@@ -108,76 +61,100 @@ class DemoConfig:
     # and on ZeroGPU, where the GPU exists only inside each request's own call.
     max_batch: int | None = None
     compile: str | None = None  # a torch.compile backend ("inductor"), warmed up at start-up
+    zerogpu: bool = field(default_factory=lambda: zerogpu_decorator() is not None)
 
     def request_batch(self) -> int:
         if self.max_batch is not None:
             return max(1, self.max_batch)
-        return 8 if pick_device(self.device).type == "cuda" and not ON_ZEROGPU else 1
+        return 8 if pick_device(self.device).type == "cuda" and not self.zerogpu else 1
+
+
+def how_to_enable(name: str) -> str:
+    spec = get_spec(name)
+    if spec.gated:
+        return (f"To use {spec.name}, accept its licence at {spec.page_url} and set `HF_TOKEN`, "
+                f"or start the app with `--weights /path/to/model.safetensors`.")
+    return f"{spec.name} downloads from {spec.page_url} on first use, or start the app with `--weights FILE`."
+
+
+def model_label(name: str, here: bool) -> str:
+    spec = REGISTRY[name]
+    if here:
+        return name
+    size = f", ~{spec.download_mb} MB" if spec.download_mb else ""
+    return f"{name} (downloads on first use{size})"
 
 
 @dataclass
 class Models:
-    """Pipelines loaded once and shared by every request; one lock per model keeps loads single."""
+    """Every registered model, listed; pipelines loaded once, on first use, and shared by every
+    request. Which models are here is decided from local files only: start-up never waits for
+    the network and never downloads what nobody asked for."""
 
     config: DemoConfig
     default: str = ""
-    choices: list[str] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)  # every registered model, default first
+    local: set[str] = field(default_factory=set)  # those that run without a download
     _pipelines: dict[str, RemovalPipeline] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
         self.default = choose_model(self.config.model, self.config.weights)
-        self.choices = [name for name in ("rmbg-2.0", "birefnet-general", "birefnet-lite", "rmbg-1.4", "u2netp")
-                        if name == self.default or name == "u2netp" or weights_available(name)]
+        names = model_names()
+        self.choices = [self.default, *(n for n in names if n != self.default)]
+        self.local = {n for n in names if n == self.default or weights_available(n)}
         self.get(self.default)  # load at start-up, not on the first request
 
+    def dropdown_choices(self) -> list[tuple[str, str]]:
+        return [(model_label(name, name in self.local), name) for name in self.choices]
+
     def get(self, name: str | None) -> RemovalPipeline:
-        name = name or self.default
-        if name not in self.choices:
-            raise gr.Error(f"model {name!r} is not available here; choose one of: {', '.join(self.choices)}")
+        name = get_spec(name).name if name else self.default
         with self._lock:
             if name not in self._pipelines:
-                config = self.config
-                weights = config.weights if name == self.default else None
-                compile_backend = config.compile if get_spec(name).runtime == "torch" else None
+                if name not in self.local:
+                    spec = get_spec(name)
+                    gr.Info(f"Downloading {name} weights from {spec.page_url} (first use)...")
                 try:
-                    self._pipelines[name] = RemovalPipeline(
-                        name, weights, config.device, config.dtype, batch_size=config.batch_size,
-                        max_pixels=config.max_pixels, batch_requests=config.request_batch(), compile=compile_backend)
-                except WeightsError as exc:
-                    raise gr.Error(str(exc)) from exc
+                    self._pipelines[name] = self._load(name)
+                except (WeightsError, ValueError, OSError) as exc:
+                    raise gr.Error(f"{name} cannot run here: {exc}") from exc
+                self.local.add(name)
             return self._pipelines[name]
+
+    def _load(self, name: str) -> RemovalPipeline:
+        config = self.config
+        weights = config.weights if name == self.default else None
+        spec = get_spec(name)
+        compile_backend = config.compile if spec.runtime is Runtime.TORCH else None
+        engine = build_engine(spec, weights, config.device, config.dtype, compile=compile_backend,
+                              max_batch=max(config.batch_size, config.request_batch()))
+        if config.zerogpu:
+            engine = ZeroGpuEngine(engine, zerogpu_decorator())
+        return RemovalPipeline(name, weights, batch_size=config.batch_size, max_pixels=config.max_pixels,
+                               batch_requests=config.request_batch(), engine=engine)
 
     def banner(self) -> str:
         pipeline = self.get(self.default)
         text = f"**Model:** {pipeline.describe()}"
-        if pipeline.model_name != "rmbg-2.0":
-            text += f"  \n{ENABLE_RMBG2}"
+        if pipeline.model_name != DEFAULT:
+            text += f"  \n{how_to_enable(DEFAULT)}"
         return text
-
-
-class RawImage(gr.Image):
-    """An image input whose upload reaches our decoder untouched (Gradio would open it with
-    Pillow first, turning a bad file into an unreadable error before our checks run)."""
-
-    is_template = True  # rendered by the frontend's own Image component
-
-    def preprocess(self, payload):
-        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
-            return payload.path
-        return super().preprocess(payload)
 
 
 @dataclass
 class Settings:
-    model: str
-    background: str
-    colour: str
-    background_image: str | None
-    refine: bool
-    fmt: str
+    """The page's settings, in the order of `settings_inputs` (and of the API's parameters)."""
+
+    model: str | None = None
+    background: str = "transparent"
+    colour: str = "#ffffff"
+    background_image: str | None = None
+    refine: bool = False
+    fmt: str = "png"
 
     def background_value(self):
+        """None (transparent), a colour, 'blur' or a decoded image; checked before any work."""
         if self.background == "colour":
             return self.colour or "#ffffff"
         if self.background == "blur":
@@ -185,15 +162,15 @@ class Settings:
         if self.background == "image":
             if not self.background_image:
                 raise gr.Error("choose a background image, or another background")
-            return self.decode(self.background_image)
+            return decode_or_explain(self.background_image)
         return None
 
-    @staticmethod
-    def decode(source) -> Image.Image:
-        try:
-            return load_image(source)
-        except ImageDecodeError as exc:
-            raise gr.Error(str(exc)) from exc
+
+def decode_or_explain(source) -> Image.Image:
+    try:
+        return load_image(source)
+    except ImageDecodeError as exc:
+        raise gr.Error(str(exc)) from exc
 
 
 class OutputFolders:
@@ -221,12 +198,20 @@ class OutputFolders:
                 pass
 
 
-def write_result(result: RemovalResult, settings: Settings, stem: str, folder: Path) -> tuple[Image.Image, Path, Path]:
+def write_result(result: RemovalResult, settings: Settings, background, stem: str,
+                 folder: Path) -> tuple[Image.Image, Path, Path]:
     ext = FORMAT_EXTENSIONS[settings.fmt]
-    out = result.composite(settings.background_value(), refine=settings.refine)
+    out = result.composite(background, refine=settings.refine)
     image_path = write_atomic(encode_image(out, settings.fmt), folder / f"{stem}-nobg{ext}")
     mask_path = write_atomic(encode_image(result.mask, settings.fmt), folder / f"{stem}-mask{ext}")
     return out, image_path, mask_path
+
+
+def error_message(outcome: Outcome) -> str:
+    """What a person reads when one image failed: the decoder's words, or the device's."""
+    if isinstance(outcome.error, ImageDecodeError):
+        return str(outcome.error)
+    return f"inference failed: {outcome.error}"
 
 
 def safe_stem(name: str | None, fallback: str = "image") -> str:
@@ -250,51 +235,28 @@ class Handlers:
         self.models = models
         self.folders = OutputFolders()
 
-    @staticmethod
-    @gpu
-    def _predict(pipeline: RemovalPipeline, images: list[Image.Image]) -> list[Image.Image]:
-        return pipeline.predict_masks(images)
-
-    @staticmethod
-    def decode(pipeline: RemovalPipeline, source) -> Image.Image:
-        try:
-            return pipeline.load(source)
-        except ImageDecodeError as exc:
-            raise gr.Error(str(exc)) from exc
-
-    def masks(self, pipeline: RemovalPipeline, images: list[Image.Image]) -> list[Image.Image]:
-        try:
-            return self._predict(pipeline, images)
-        except RuntimeError as exc:
-            log.exception("inference failed")
-            raise gr.Error(f"inference failed on {pipeline.device}: {exc}") from exc
-
-    def run(self, model: str, sources: list) -> list[RemovalResult]:
-        """Decode each source (a bad one raises its own readable error), then mask them together."""
-        pipeline = self.models.get(model)
-        images = [self.decode(pipeline, source) for source in sources]
-        started = time.perf_counter()
-        masks = self.masks(pipeline, images)
-        seconds = (time.perf_counter() - started) / len(images)
-        return [RemovalResult(image, mask, pipeline.model_name, seconds) for image, mask in zip(images, masks)]
+    def one(self, source, settings: Settings) -> RemovalResult:
+        """One image through the chosen model; a bad upload raises its own readable error."""
+        outcome = next(self.models.get(settings.model).iter_results([source]))
+        if outcome.error is not None:
+            raise gr.Error(error_message(outcome))
+        return outcome.result
 
     def single(self, source, stem: str, settings: Settings):
         started = time.perf_counter()
-        result = self.run(settings.model, [source])[0]
-        out, image_path, mask_path = write_result(result, settings, stem, self.folders.new())
+        background = settings.background_value()
+        result = self.one(source, settings)
+        out, image_path, mask_path = write_result(result, settings, background, stem, self.folders.new())
         info = (f"**Model:** {self.models.get(settings.model).describe()}  \n"
                 f"{result.image.width}x{result.image.height}, {time.perf_counter() - started:.2f} s")
         return (out, result.image), str(image_path), str(mask_path), result.mask, info
 
-    def image(self, path, model=None, background="transparent", colour="#ffffff", background_image=None,
-              refine=False, fmt="png"):
+    def image(self, path, *settings):
         if not path:
             raise gr.Error("upload, paste or drop an image first")
-        settings = Settings(model, background, colour, background_image, refine, fmt)
-        return self.single(path, safe_stem(Path(path).name), settings)
+        return self.single(path, safe_stem(Path(path).name), Settings(*settings))
 
-    def text(self, url, model=None, background="transparent", colour="#ffffff", background_image=None,
-              refine=False, fmt="png"):
+    def text(self, url, *settings):
         url = (url or "").strip()
         if not url:
             raise gr.Error("paste an image URL first")
@@ -303,43 +265,28 @@ class Handlers:
         except fetch.URLFetchError as exc:
             raise gr.Error(str(exc)) from exc
         stem = safe_stem(url.rstrip("/").rsplit("/", 1)[-1].split("?")[0])
-        return self.single(data, stem, Settings(model, background, colour, background_image, refine, fmt))
+        return self.single(data, stem, Settings(*settings))
 
-    def batch(self, files, model=None, background="transparent", colour="#ffffff", background_image=None,
-              refine=False, fmt="png"):
+    def batch(self, files, *settings):
         if not files:
             raise gr.Error("add one or more images first")
-        settings = Settings(model, background, colour, background_image, refine, fmt)
+        settings = Settings(*settings)
+        background = settings.background_value()
+        pipeline = self.models.get(settings.model)
         folder, gallery, errors, outputs, stems = self.folders.new(), [], [], [], set()
-        pipeline = self.models.get(model)
-        for start in range(0, len(files), pipeline.batch_size):  # bounded memory, full network batches
-            decoded = []
-            for path in files[start:start + pipeline.batch_size]:
-                try:
-                    decoded.append((Path(path).name, self.decode(pipeline, path)))
-                except gr.Error as exc:  # one bad file must not sink the batch
-                    errors.append(f"{Path(path).name}: {exc.message}")
-            if not decoded:
+        for path, outcome in zip(files, pipeline.iter_results(files)):  # network batches, bounded memory
+            name = Path(path).name
+            if outcome.error is not None:  # one bad file must not sink the batch
+                errors.append(f"{name}: {error_message(outcome)}")
                 continue
-            try:
-                masks = self.masks(pipeline, [image for _, image in decoded])
-            except gr.Error as exc:
-                errors += [f"{name}: {exc.message}" for name, _ in decoded]
-                continue
-            for (name, image), mask in zip(decoded, masks):
-                result = RemovalResult(image, mask, pipeline.model_name)
-                try:
-                    out, image_path, mask_path = write_result(result, settings, unique_stem(name, stems), folder)
-                except gr.Error as exc:
-                    errors.append(f"{name}: {exc.message}")
-                    continue
-                gallery.append((out, name))
-                outputs += [image_path, mask_path]
+            out, image_path, mask_path = write_result(outcome.result, settings, background,
+                                                      unique_stem(name, stems), folder)
+            gallery.append((out, name))
+            outputs += [image_path, mask_path]
         archive = write_zip(outputs, folder / "rmbg-batch.zip") if outputs else None
         info = f"**Model:** {pipeline.describe()}  \n{len(gallery)} done, {len(errors)} failed"
         info += "".join(f"  \n- {e}" for e in errors)
         return gallery, (str(archive) if archive else None), info
-
 
     def compare(self, path, chosen=None):
         """One image through two or more models, cut-outs side by side with each model's time."""
@@ -347,12 +294,12 @@ class Handlers:
             raise gr.Error("upload an image to compare on")
         chosen = [m for m in (chosen or []) if m]
         if len(chosen) < 2:
-            raise gr.Error(f"choose at least two models to compare (available here: {', '.join(self.models.choices)})")
-        image = Settings.decode(path)
+            raise gr.Error(f"choose at least two models to compare (registered: {', '.join(self.models.choices)})")
+        image = decode_or_explain(path)
         gallery, lines = [], ["| model | seconds |", "|---|---|"]
         for name in chosen:
             started = time.perf_counter()
-            result = self.run(name, [image])[0]
+            result = self.one(image, Settings(name))
             seconds = time.perf_counter() - started
             gallery.append((result.cutout(), f"{name}: {seconds:.2f} s"))
             lines.append(f"| {self.models.get(name).title} [{name}] | {seconds:.2f} |")
@@ -371,7 +318,7 @@ def write_zip(paths: list[Path], target: Path) -> Path:
 def settings_inputs(models: Models) -> list:
     with gr.Accordion("Settings", open=False):
         with gr.Row():
-            model = gr.Dropdown(models.choices, value=models.default, label="Model")
+            model = gr.Dropdown(models.dropdown_choices(), value=models.default, label="Model")
             fmt = gr.Radio(list(FORMAT_EXTENSIONS), value="png", label="Output format")
             refine = gr.Checkbox(False, label="Refine foreground colours (removes halos at soft edges)")
         with gr.Row():
@@ -393,7 +340,6 @@ def result_outputs(label: str, prefix: str) -> list:
 
 
 def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
-    guard_cache_cleaning()
     models = Models(config or DemoConfig())
     handlers = Handlers(models)
     with gr.Blocks(title=TITLE, delete_cache=DELETE_CACHE) as demo:
@@ -423,7 +369,9 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
         with gr.Tab("Compare"):
             compare_image = RawImage(type="filepath", label="Image", image_mode=None, elem_id="compare-image",
                                      sources=["upload", "clipboard"])
-            compare_models = gr.CheckboxGroup(models.choices, value=models.choices[:3], label="Models",
+            compare_models = gr.CheckboxGroup(models.dropdown_choices(), value=[n for n in models.choices
+                                                                                 if n in models.local][:3],
+                                              label="Models",
                                               elem_id="compare-models")
             run_compare = gr.Button("Compare", variant="primary", elem_id="run-compare")
             compare_gallery = gr.Gallery(label="Cut-outs", columns=3, format="png", type="pil",
@@ -438,5 +386,4 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
     on_gpu = pick_device(models.config.device).type == "cuda"
     concurrency = max(models.config.request_batch(), 2 if on_gpu else 1)
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
-    demo.models = models  # for tests and app.py
     return demo

@@ -1,27 +1,29 @@
-"""Finding and loading a registered model's weights.
+"""Finding, reading and checking a registered model's weights (generic: what is particular to
+one network, such as derived buffers, is its `checkpoint_filter` in `rmbg_demo/models/`).
 
-Sources, in order: the path given (a file, or a folder holding one); the model's
-environment variable (`RMBG_WEIGHTS` for RMBG-2.0); the Hugging Face hub through
-`huggingface_hub` (its cache, `HF_TOKEN`, `HF_HUB_OFFLINE`). Only tensors are read
-(safetensors, or `torch.load(weights_only=True)`): no code comes from a checkpoint.
+Sources, in order: the path given (a file, or a folder holding one); the model's environment
+variable (`RMBG_WEIGHTS` for RMBG-2.0); the file an installed package ships (embedded models);
+the Hugging Face cache; and only when a model is actually loaded, a download from the hub
+(`HF_TOKEN`, `HF_HUB_OFFLINE`). Deciding what is available never touches the network. Only
+tensors are read (safetensors, or `torch.load(weights_only=True)`): no code comes from a checkpoint.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
+import socket
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .models import ModelSpec, build_model, get_spec
+from .models import ModelSpec, Runtime, build_model, get_spec
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-# Buffers the network derives itself; a checkpoint may carry them or not.
-DERIVED_SUFFIXES = ("relative_position_index", "num_batches_tracked")
+# BatchNorm's step counter: unused in inference, and some checkpoints leave it out.
+BATCHNORM_COUNTER = "num_batches_tracked"
 # Prefixes that training wrappers (DDP, torch.compile, Lightning) put before the real names.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
@@ -62,56 +64,103 @@ def local_weights(path: str | os.PathLike, spec: ModelSpec | None = None) -> Pat
     raise WeightsError(f"weights file not found: {path}")
 
 
-def hub_weights(spec: ModelSpec, *, local_only: bool = False) -> Path:
-    """The model's checkpoint from the Hugging Face hub (or only its cache, with `local_only`)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub import errors as hub_errors
+def cached_weights(spec: ModelSpec) -> Path | None:
+    """The model's checkpoint in the local Hugging Face cache, or None. Never touches the network."""
+    if not spec.hub_repo:
+        return None
+    from huggingface_hub import try_to_load_from_cache
 
-    offline = local_only or _env_flag("HF_HUB_OFFLINE")
-    cache_dir = os.environ.get("HF_HUB_CACHE") or (
-        str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
-    )
+    for filename in spec.hub_files:
+        found = try_to_load_from_cache(spec.hub_repo, filename, cache_dir=_hub_cache_dir())
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def _hub_cache_dir() -> str | None:
+    return os.environ.get("HF_HUB_CACHE") or (
+        str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One short connection attempt to the hub, no retries: without network, huggingface_hub
+    would retry each file for tens of seconds before saying so."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_weights(spec: ModelSpec) -> Path:
+    """The model's checkpoint from the local cache, else downloaded from the Hugging Face hub."""
+    cached = cached_weights(spec)
+    if cached:
+        return cached
+    if _env_flag("HF_HUB_OFFLINE"):
+        raise WeightsError(f"{spec.name} weights are not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                           f"{_how_to_pass(spec)}")
+    if not hub_reachable():
+        raise WeightsError(f"{spec.name} weights are not here and the Hugging Face hub cannot be reached "
+                           f"(no network?): {_how_to_pass(spec)}")
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import hf_hub_download
+
+    size = f" (~{spec.download_mb} MB)" if spec.download_mb else ""
+    log.warning("downloading %s weights from %s%s", spec.name, spec.page_url, size)
     last_error: Exception | None = None
     for filename in spec.hub_files:
         try:
-            return Path(hf_hub_download(spec.hub_repo, filename, cache_dir=cache_dir, local_files_only=offline,
+            return Path(hf_hub_download(spec.hub_repo, filename, cache_dir=_hub_cache_dir(),
                                         token=os.environ.get("HF_TOKEN") or None))
         except hub_errors.GatedRepoError as exc:
             raise WeightsError(
                 f"{spec.name} is gated on the Hugging Face hub: accept its licence at {spec.page_url}, "
                 f"then set HF_TOKEN to a token of that account (or {_how_to_pass(spec)})"
             ) from exc
-        except hub_errors.EntryNotFoundError as exc:  # includes "not in the local cache"
+        except hub_errors.EntryNotFoundError as exc:
             last_error = exc
         except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as exc:
             raise WeightsError(f"{spec.hub_repo} not found on the Hugging Face hub ({exc.__class__.__name__})") from exc
-        except (OSError, hub_errors.HfHubHTTPError) as exc:  # no network, DNS, proxy, timeouts
+        except (OSError, hub_errors.HfHubHTTPError) as exc:  # network dropped, proxy, timeouts
             last_error = exc
-    where = "the local Hugging Face cache (offline)" if offline else "the Hugging Face hub (no network?)"
-    raise WeightsError(f"could not get {spec.name} weights from {where}: {_how_to_pass(spec)}") from last_error
+    raise WeightsError(f"could not download {spec.name} weights from the Hugging Face hub: "
+                       f"{_how_to_pass(spec)}") from last_error
 
 
-def resolve_weights(name: str, weights: str | os.PathLike | None = None, *, local_only: bool = False) -> Path:
-    """Where `name`'s weights are: the path given, its environment variable, else the hub."""
-    spec = get_spec(name)
+def local_source(spec: ModelSpec, weights: str | os.PathLike | None = None) -> Path | None:
+    """Where the weights are on this machine (the path given, the model's environment variable,
+    the embedded file, the Hugging Face cache), or None. Never touches the network."""
     if weights is not None:
         return local_weights(weights, spec)
     if spec.env_weights and os.environ.get(spec.env_weights):
         return local_weights(os.environ[spec.env_weights], spec)
+    if spec.onnx_file is not None:
+        try:
+            return spec.onnx_file()
+        except FileNotFoundError as exc:
+            raise WeightsError(str(exc)) from exc
+    return cached_weights(spec)
+
+
+def resolve_weights(name: str, weights: str | os.PathLike | None = None) -> Path:
+    """Where `name`'s weights are: on this machine (see `local_source`), else downloaded from the hub."""
+    spec = get_spec(name)
+    found = local_source(spec, weights)
+    if found is not None:
+        return found
     if spec.hub_repo is None:
         raise WeightsError(f"{spec.name} has no download source; pass a weights file")
-    return hub_weights(spec, local_only=local_only)
+    return hub_weights(spec)
 
 
 def weights_available(name: str, weights: str | os.PathLike | None = None) -> bool:
-    """True when `name` can be loaded without asking: a local file, the hub cache, or the hub with a token."""
-    spec = get_spec(name)
-    if spec.runtime == "onnx":
-        return True
-    token = bool(os.environ.get("HF_TOKEN")) and not _env_flag("HF_HUB_OFFLINE")
+    """True when `name` runs without a download: embedded, a local file, or the Hugging Face cache."""
     try:
-        resolve_weights(name, weights, local_only=not (token or not spec.gated))
-        return True
+        return local_source(get_spec(name), weights) is not None
     except WeightsError:
         return False
 
@@ -152,9 +201,9 @@ def _listing(label: str, items: list[str], limit: int = 5) -> str:
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise WeightsError listing missing, unexpected and mis-shaped keys (derived buffers excepted)."""
+    """Raise WeightsError listing missing, unexpected and mis-shaped keys (BatchNorm counters excepted)."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith(DERIVED_SUFFIXES)]
+    missing = [k for k in own if k not in state and not k.endswith(BATCHNORM_COUNTER)]
     unexpected = [k for k in state if k not in own]
     misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
                  for k in state if k in own and state[k].shape != own[k].shape]
@@ -165,37 +214,28 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 
 def load_model(name: str, weights: str | os.PathLike | None = None, device=None, dtype=None):
-    """The network registered as `name`, with its weights, in eval mode, on `device` in `dtype`."""
+    """The PyTorch network registered as `name`, with its weights, in eval mode, on `device` in `dtype`."""
     spec = get_spec(name)
-    if spec.runtime == "onnx":
-        from .models.u2netp import U2NetPOnnx
-
-        return U2NetPOnnx(weights)
+    if spec.runtime is not Runtime.TORCH:
+        raise ValueError(f"{spec.name} is an {spec.runtime.value} model with no PyTorch network; "
+                         f"run it with RemovalPipeline({spec.name!r})")
     path = resolve_weights(name, weights)
+    if path.suffix == ".onnx":
+        raise WeightsError(f"{path} is an ONNX file: run it with RemovalPipeline({spec.name!r}, weights=...) "
+                           "(ONNX Runtime), not as a PyTorch network")
     with torch.device("meta"):  # no storage, no random initialisation: it took longer than reading the file
         model = build_model(name)
     state = strip_wrapper_prefixes(read_state_dict(path), set(model.state_dict()))
+    state = spec.filter_checkpoint(state, model)
     check_state_dict(model, state, str(path))
     own = model.state_dict()
     # The network's own dtypes (float32 parameters, int64 buffers), whatever the file stored.
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False, assign=True)
-    derive_missing_buffers(model)
+    for module in model.modules():
+        if getattr(module, BATCHNORM_COUNTER, None) is not None and module.num_batches_tracked.is_meta:
+            module.num_batches_tracked = torch.zeros((), dtype=torch.long)
+    leftover = [k for k, v in model.state_dict().items() if v.is_meta]
+    if leftover:
+        raise WeightsError(f"{path} leaves {_listing('tensors', leftover)} of {spec.name} unset")
     log.info("loaded %s from %s", spec.name, path)
     return model.to(device=device, dtype=dtype).eval()
-
-
-def derive_missing_buffers(model: nn.Module) -> None:
-    """Compute the buffers a checkpoint may leave out (DERIVED_SUFFIXES), still empty after loading."""
-    from .models.swin import relative_position_index
-
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if not buffer.is_meta:
-                continue
-            if name == "relative_position_index":
-                value = relative_position_index(math.isqrt(buffer.shape[0]))
-            elif name == "num_batches_tracked":
-                value = torch.zeros((), dtype=torch.long)
-            else:
-                raise WeightsError(f"buffer {name!r} of {type(module).__name__} is neither loaded nor derivable")
-            setattr(module, name, value)

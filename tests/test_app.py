@@ -4,9 +4,8 @@ import zipfile
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from helpers import ASSETS, AppServer, CountingHub
 from PIL import Image
-
-from conftest import ASSETS
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +86,28 @@ def test_page_says_which_model_runs_and_how_to_enable_rmbg2(app_server):
     assert "u2netp" in config
     assert "accept its licence at https://huggingface.co/briaai/RMBG-2.0" in config
     assert "HF_TOKEN" in config and "--weights" in config
+
+
+def test_start_up_never_asks_the_hub_and_uncached_models_are_listed_not_downloaded():
+    """A fresh machine, as a user starts the app: no HF_HUB_OFFLINE, no weights, no token. The
+    page must not wait for (or download from) the hub to list models; a model that is not here
+    is listed as a download, and choosing it says why it cannot run instead of hanging."""
+    hub = CountingHub()
+    server = AppServer(hub_url=hub.url)
+    try:
+        server.wait()
+        print(f"\napp answered {server.startup_seconds:.1f} s after start (no HF_HUB_OFFLINE)")
+        assert hub.requests == [], "start-up asked the hub"
+        client = Client(server.url, verbose=False)
+        api = str(client.view_api(return_format="dict", print_info=False))
+        assert "rmbg-2.0 (downloads on first use, ~885 MB)" in api and "birefnet-lite (downloads on first use" in api
+        with pytest.raises(Exception, match=r"birefnet-lite cannot run here: could not download birefnet-lite "
+                                            r"weights from the Hugging Face hub: download model.safetensors from "
+                                            r"https://huggingface.co/ZhengPeng7/BiRefNet_lite"):
+            client.predict(handle_file(str(ASSETS / "chelsea.jpg")), "birefnet-lite", api_name="/image")
+        assert any("BiRefNet_lite" in request for request in hub.requests)  # asked only once chosen
+        result = client.predict(handle_file(str(ASSETS / "chelsea.jpg")), api_name="/image")
+        assert "u2netp" in result[4]  # the server stays up and the embedded model still answers
+    finally:
+        server.stop()
+        hub.stop()

@@ -8,10 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from helpers import ASSETS
 from PIL import Image
 
-from conftest import ASSETS
-from rmbg_demo.pipeline import RemovalPipeline, compiled_batch_sizes
+from rmbg_demo.engines.pytorch import compiled_batch_sizes
+from rmbg_demo.pipeline import RemovalPipeline
 
 PHOTOS = ["chelsea.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg"]
 SIZE = (256, 256)
@@ -31,22 +32,21 @@ def one_by_one(lite_fixture_model, photos):
 
 
 def gated(batcher, waiting_for: int):
-    """Wrap the batcher's network call so that the first batch waits until `waiting_for`
-    images are queued behind it: the next batch's make-up is then known in advance.
-    Returns the batch sizes seen and an event set once the first batch is running."""
-    run, sizes, first = batcher.run, [], threading.Event()
+    """Hold the batcher's first batch until `waiting_for` images are queued behind it: the next
+    batch's make-up is then known in advance. Returns the batch sizes seen and an event set
+    once the first batch is running."""
+    sizes, first = [], threading.Event()
 
-    def call(batch):
+    def hold(size):
         if not first.is_set():
             first.set()
             for _ in range(3000):
                 if batcher.queued >= waiting_for:
                     break
                 time.sleep(0.01)
-        sizes.append(len(batch))
-        return run(batch)
+        sizes.append(size)
 
-    batcher.run = call
+    batcher.before_batch = hold
     return sizes, first
 
 
@@ -103,16 +103,18 @@ def test_compiled_network_is_warmed_up_at_start_and_never_recompiles_for_a_reque
     # The "eager" backend runs dynamo's capture (what decides recompiles) without inductor's
     # C++ code generation, which takes minutes per graph on a 2-core CPU.
     torch._dynamo.reset()
-    pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
-                               input_size=SIZE, batch_size=3, compile="eager")
-    assert pipeline.compiled_batch_sizes == (1, 2, 3)
-    assert "compiled" in pipeline.describe()
-    with torch.compiler.set_stance("fail_on_recompile"):
-        singles = [np.asarray(pipeline(photo).mask, dtype=int) for photo in photos[:2]]
-        batched = [np.asarray(r.mask, dtype=int) for r in pipeline.process(photos)]  # batches of 3, then 1
+    try:
+        pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
+                                   input_size=SIZE, batch_size=3, compile="eager")
+        assert pipeline.engine.compiled_batch_sizes == (1, 2, 3)
+        assert "compiled" in pipeline.describe()
+        with torch.compiler.set_stance("fail_on_recompile"):
+            singles = [np.asarray(pipeline(photo).mask, dtype=int) for photo in photos[:2]]
+            batched = [np.asarray(r.mask, dtype=int) for r in pipeline.process(photos)]  # batches of 3, then 1
+    finally:
+        torch._dynamo.reset()
     for mask, alone in zip(singles + batched, one_by_one[:2] + one_by_one):
         assert np.abs(mask - alone).max() <= 1
-    torch._dynamo.reset()
 
 
 def test_compile_refuses_a_model_torch_cannot_compile():

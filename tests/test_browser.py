@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ASSETS
 from PIL import Image
-
-from conftest import ASSETS
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -118,9 +117,9 @@ def test_a_bad_upload_shows_a_readable_error(page, tmp_path):
 def compare_server(tmp_path_factory):
     """An app that finds RMBG-1.4 weights (the parity fixture's) in its Hugging Face cache."""
     import parity
+    from helpers import AppServer
     from safetensors.torch import save_file
 
-    from conftest import AppServer
     from rmbg_demo import build_model
 
     cache = tmp_path_factory.mktemp("hub")

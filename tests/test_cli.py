@@ -6,16 +6,16 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import ASSETS, hermetic_env
 from PIL import Image
-
-from conftest import ASSETS
 
 PHOTOS = ["chelsea.jpg", "coffee.jpg", "astronaut.jpg"]
 
 
-def rmbg(*args, cwd=None):
+def rmbg(*args, cwd=None, env=None):
+    """`rmbg ARGS` as a user runs it, with no weights, token or hub of the developer's (helpers.hermetic_env)."""
     return subprocess.run([sys.executable, "-m", "rmbg_demo", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd, timeout=300, env=hermetic_env(**(env or {})))
 
 
 @pytest.fixture
@@ -118,6 +118,8 @@ def test_missing_rmbg2_weights_file_is_a_clear_error(photos, tmp_path):
 def test_console_script_is_installed():
     exe = shutil.which("rmbg")
     assert exe, "`pip install .` (or -e .) gives the rmbg command"
-    run = subprocess.run([exe, "models"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0
-    assert "u2netp" in run.stdout and "available" in run.stdout and "rmbg-2.0" in run.stdout
+    run = subprocess.run([exe, "models"], capture_output=True, text=True, timeout=120, env=hermetic_env())
+    assert run.returncode == 0, run.stderr
+    lines = {line.split()[0]: line for line in run.stdout.splitlines()}
+    assert "| embedded" in lines["u2netp"]
+    assert "downloads on first use (https://huggingface.co/briaai/RMBG-2.0, ~885 MB; gated" in lines["rmbg-2.0"]

@@ -1,9 +1,9 @@
 """Cut-outs, backgrounds and foreground colour estimation on images whose answer is known."""
 import numpy as np
 import pytest
+from helpers import ASSETS
 from PIL import Image
 
-from conftest import ASSETS
 from rmbg_demo.compose import cover, cutout, estimate_foreground, parse_color, refine_cutout, replace_background
 
 

@@ -6,9 +6,9 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import ASSETS
 from PIL import Image
 
-from conftest import ASSETS
 from rmbg_demo.evaluation import BUILTIN_BENCHMARK, compare_collage, image_metrics, match_pairs
 
 

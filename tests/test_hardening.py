@@ -8,10 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from helpers import ASSETS, AppServer, bomb_png
 from PIL import Image
-
-from conftest import ASSETS, AppServer, bomb_png
-
 
 HOSTILE = {
     "page.png": (b"<!doctype html><html>hello</html>", "not an image"),
@@ -105,7 +103,7 @@ def test_concurrent_requests_in_shared_network_batches_hostile_files_among_them(
     try:
         client = Client(server.url, verbose=False)
         uploads = []
-        for i, name in enumerate(["chelsea.jpg", "page.png", "coffee.jpg", "half.jpg", "astronaut.jpg", "rocket.jpg"]):
+        for name in ["chelsea.jpg", "page.png", "coffee.jpg", "half.jpg", "astronaut.jpg", "rocket.jpg"]:
             if name in HOSTILE:
                 path = tmp_path / name
                 path.write_bytes(HOSTILE[name][0])
@@ -164,7 +162,7 @@ def test_load_every_answer_is_its_own_and_memory_and_temp_files_level_off(tmp_pa
     assert after[1] < files_200 / 4 and after[2] < bytes_200 / 4, (samples, after)  # temp files are cleaned
 
 
-def test_cache_cleaning_goes_on_while_requests_add_files(tmp_path):
+def test_cache_cleaning_goes_on_while_requests_add_files(tmp_path, request):
     """Gradio's scheduled cleaner walks its live set of cached files; a request that caches a
     file meanwhile used to end the cleaning for good ("Set changed size during iteration")."""
     import threading
@@ -172,9 +170,9 @@ def test_cache_cleaning_goes_on_while_requests_add_files(tmp_path):
     import gradio as gr
     from gradio import route_utils
 
-    from rmbg_demo.ui import guard_cache_cleaning
+    from rmbg_demo.gradio_compat import guard_cache_cleaning
 
-    guard_cache_cleaning()
+    request.addfinalizer(guard_cache_cleaning())  # Gradio's own cleaner comes back after this test
     with gr.Blocks() as demo:
         gr.Markdown("cache")
     cached = set()

@@ -4,9 +4,9 @@ import os
 
 import numpy as np
 import pytest
+from helpers import ASSETS, bomb_png
 from PIL import Image
 
-from conftest import ASSETS, bomb_png
 from rmbg_demo.imageio import ImageDecodeError, encode_image, image_files, load_image, write_atomic
 
 

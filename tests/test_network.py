@@ -1,15 +1,20 @@
 """The network computes what the published RMBG-2.0 / BiRefNet code computes."""
 import copy
 
+import parity
 import pytest
 import torch
+from helpers import FIXTURES
 
-import parity
-from conftest import FIXTURES
 from rmbg_demo import build_model, model_names
 
-torch.set_float32_matmul_precision("highest")
 TOLERANCE = 1e-3  # of each reference map's standard deviation
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_matmuls():
+    """Parity is checked in full float32 (conftest's restore_torch_settings puts it back)."""
+    torch.set_float32_matmul_precision("highest")
 
 
 def read_layout(name):

@@ -5,12 +5,12 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import parity
 import pytest
 import torch
+from helpers import FIXTURES
 from safetensors.torch import save_file
 
-import parity
-from conftest import FIXTURES
 from rmbg_demo import WeightsError, load_model, resolve_weights, weights_available
 
 NAME = "birefnet-lite"  # the published layout at a fifth of RMBG-2.0's size keeps files small
@@ -132,8 +132,9 @@ def test_hub_cache_is_used_offline(safetensors_file, tmp_path, monkeypatch):
     assert resolve_weights(NAME) == snapshot / "model.safetensors"
     assert weights_available(NAME)
     assert not weights_available("rmbg-2.0")
-    with pytest.raises(WeightsError, match=r"local Hugging Face cache \(offline\): download model.safetensors from "
-                                           r"https://huggingface.co/briaai/RMBG-2.0 .* --weights FILE .*RMBG_WEIGHTS"):
+    with pytest.raises(WeightsError, match=r"not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download "
+                                           r"model.safetensors from https://huggingface.co/briaai/RMBG-2.0 .* "
+                                           r"--weights FILE .*RMBG_WEIGHTS"):
         load_model("rmbg-2.0")
 
 
@@ -175,7 +176,7 @@ def test_gated_repo_says_to_accept_the_licence_and_set_hf_token(tmp_path):
 def test_no_network_says_how_to_pass_weights(tmp_path):
     with socket_closed_port() as port:
         message = load_in_subprocess(f"http://127.0.0.1:{port}", tmp_path)
-    assert "could not get rmbg-2.0 weights from the Hugging Face hub (no network?)" in message
+    assert "rmbg-2.0 weights are not here and the Hugging Face hub cannot be reached (no network?)" in message
     assert "--weights FILE" in message
 
 

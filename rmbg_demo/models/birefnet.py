@@ -11,29 +11,24 @@ In eval mode `forward` returns four logit maps, coarse to full resolution (strid
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import deform_conv2d
 
+from . import swin
 from .swin import SWIN_LARGE, SWIN_TINY, SwinConfig, SwinTransformer
 
 
 @dataclass(frozen=True)
 class BiRefNetConfig:
     backbone: SwinConfig
-    # How the decoder's input patches are stacked into channels. RMBG-2.0's code stacks
-    # whole patches, column by column ("patch"); later BiRefNet code interleaves them per
-    # colour channel ("channel"). Both describe the same pixels, but the weights of the
-    # `ipt_blk*` convolutions are tied to one order.
-    patch_order: str = "patch"
     decoder_inter_channels: int = 64
     aspp_channels: int = 256
     aspp_kernel_sizes: tuple[int, ...] = (1, 3, 7)
     gradient_channels: int = 16
-    input_size: tuple[int, int] = field(default=(1024, 1024))
 
     @property
     def encoder_channels(self) -> tuple[int, ...]:
@@ -169,20 +164,18 @@ def resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
-def image_to_patch_channels(image: torch.Tensor, size, order: str) -> torch.Tensor:
+def image_to_patch_channels(image: torch.Tensor, size) -> torch.Tensor:
     """Cut `image` into a grid of tiles of `size` and stack the tiles as channels.
 
     A (B, C, gh*h, gw*w) image becomes (B, C*gh*gw, h, w): one reshape, no Python loop.
+    The order is RMBG-2.0's, whole tiles column by column (channel = (col * gh + row) * C + c);
+    the `ipt_blk*` weights are tied to it.
     """
     b, c, height, width = image.shape
     h, w = size
     gh, gw = height // h, width // w
     tiles = image[..., : gh * h, : gw * w].reshape(b, c, gh, h, gw, w)
-    if order == "patch":  # channel = (col * gh + row) * C + c
-        tiles = tiles.permute(0, 4, 2, 1, 3, 5)
-    else:  # channel = (c * gh + row) * gw + col
-        tiles = tiles.permute(0, 1, 2, 4, 3, 5)
-    return tiles.reshape(b, c * gh * gw, h, w)
+    return tiles.permute(0, 4, 2, 1, 3, 5).reshape(b, c * gh * gw, h, w)
 
 
 class Decoder(nn.Module):
@@ -212,13 +205,14 @@ class Decoder(nn.Module):
         # `gdt_convs_pred_*` predict the gradient map in training only; kept so checkpoints load strictly.
         n = cfg.gradient_channels
         for i, c in ((4, c3), (3, c2), (2, c1)):
-            self.add_module(f"gdt_convs_{i}", nn.Sequential(nn.Conv2d(c, n, 3, padding=1), nn.BatchNorm2d(n), nn.ReLU()))
+            gradient = nn.Sequential(nn.Conv2d(c, n, 3, padding=1), nn.BatchNorm2d(n), nn.ReLU())
+            self.add_module(f"gdt_convs_{i}", gradient)
             self.add_module(f"gdt_convs_pred_{i}", nn.Sequential(nn.Conv2d(n, 1, 1)))
             self.add_module(f"gdt_convs_attn_{i}", nn.Sequential(nn.Conv2d(n, 1, 1)))
 
     def with_patches(self, features: torch.Tensor, image: torch.Tensor, block: SimpleConvs) -> torch.Tensor:
         size = features.shape[-2:]
-        patches = resize(image_to_patch_channels(image, size, self.cfg.patch_order), size)
+        patches = resize(image_to_patch_channels(image, size), size)
         return torch.cat([features, block(patches)], dim=1)
 
     def gate(self, x: torch.Tensor, level: int) -> torch.Tensor:
@@ -285,3 +279,9 @@ class BiRefNet(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x1, x2, x3, x4 = self.encode(x)
         return self.decoder(x, x1, x2, x3, self.squeeze_module(x4))
+
+
+def checkpoint_filter(state: dict, model: nn.Module) -> dict:
+    """Published BiRefNet/RMBG-2.0 files load as they are; only the Swin backbone's derived
+    buffers may be missing."""
+    return swin.checkpoint_filter(state, model)

@@ -46,6 +46,17 @@ def relative_position_index(window: int) -> torch.Tensor:
     return rel[0] * (2 * window - 1) + rel[1]
 
 
+def checkpoint_filter(state: dict, model: nn.Module) -> dict:
+    """Add each attention block's `relative_position_index` when a checkpoint leaves it out
+    (it is derived from the window size; published BiRefNet files differ on whether they store it)."""
+    state = dict(state)
+    for name, module in model.named_modules():
+        key = f"{name}.relative_position_index" if name else "relative_position_index"
+        if isinstance(module, WindowAttention) and key not in state:
+            state[key] = relative_position_index(module.window)
+    return state
+
+
 def to_windows(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, H, W, C) -> (B, nW, window², C); H and W are multiples of `window`."""
     b, h, w, c = x.shape
@@ -88,7 +99,7 @@ class Mlp(nn.Module):
 class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window: int):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.window = num_heads, window
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=True)
         self.qkv = nn.Linear(dim, dim * 3)

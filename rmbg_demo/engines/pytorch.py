@@ -1,0 +1,134 @@
+"""The PyTorch engine: our networks on a CPU, CUDA or MPS device, in the precision that suits it."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from ..models import Activation
+from ..processing import activate
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto': CUDA, then Apple's MPS, then the CPU."""
+    if device not in (None, "auto"):
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """True on CPUs with native bf16 matmuls (AVX512-BF16, AMX), where oneDNN runs them ~2x faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto': float16 on CUDA, bfloat16 on CPUs with native bf16, else float32.
+
+    Both half types keep masks within 2/255 of float32 (tests/test_pipeline.py); the
+    deformable convolutions still compute in float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bfloat16() else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(DTYPES)}") from None
+
+
+def configure_torch(device: str | torch.device | None = "auto") -> None:
+    """Process-wide settings for fixed-size inference, applied once by a front end at start-up:
+    on NVIDIA GPUs cuDNN picks the fastest convolution for each shape once (every input is the
+    same size), and float32 matmuls may use TF32, as the model card's
+    `set_float32_matmul_precision('high')` does."""
+    if pick_device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+
+def compiled_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a compiled network is warmed up for: 1, 2, 4, ... below `max_batch`, and `max_batch`."""
+    return tuple(2**i for i in range(max_batch.bit_length()) if 2**i < max_batch) + (max_batch,)
+
+
+class TorchEngine:
+    """A PyTorch network on one device: casts, pads for a compiled network, halves the batch
+    when the device runs out of memory, and hands back CPU probabilities."""
+
+    name = "torch"
+    fixed_size = None
+
+    def __init__(self, network: nn.Module, *, output_index: int = -1, activation: Activation = Activation.SIGMOID,
+                 device="auto", dtype="auto"):
+        self.torch_device = pick_device(device)
+        self.device = str(self.torch_device)
+        self.dtype = pick_dtype(dtype, self.torch_device)
+        self.network = network.to(device=self.torch_device, dtype=self.dtype).eval()
+        self.output_index = output_index
+        self.activation = Activation(activation)
+        self.compiled_batch_sizes: tuple[int, ...] = ()
+        self.compile_seconds = 0.0
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        compiled = ", compiled" if self.compiled_batch_sizes else ""
+        return f"torch on {self.torch_device.type} ({dtype}{compiled})"
+
+    def compile(self, backend: str, input_size: tuple[int, int], max_batch: int) -> None:
+        """`torch.compile` with static shapes, then one warm-up pass per batch size the network
+        will see (powers of two up to `max_batch`; batches are zero-padded up to the next one),
+        so that no request pays for compilation."""
+        started = time.perf_counter()
+        self.network = torch.compile(self.network, backend=backend, dynamic=False)
+        self.compiled_batch_sizes = compiled_batch_sizes(max_batch)
+        for size in self.compiled_batch_sizes:
+            self.forward(torch.zeros(size, 3, *input_size))
+        self.compile_seconds = time.perf_counter() - started
+        log.info("compiled (%s) for batches of %s in %.1f s", backend,
+                 "/".join(map(str, self.compiled_batch_sizes)), self.compile_seconds)
+
+    def padded(self, batch: torch.Tensor) -> torch.Tensor:
+        """A compiled network's input zero-padded to the next batch size it was warmed up for."""
+        size = next((s for s in self.compiled_batch_sizes if s >= len(batch)), len(batch))
+        if size == len(batch):
+            return batch
+        return torch.cat([batch, batch.new_zeros(size - len(batch), *batch.shape[1:])])
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """One network pass: (B, 3, H, W) CPU input -> (B, 1, h, w) float32 CPU probabilities."""
+        network_input = batch.to(device=self.torch_device, dtype=self.dtype)
+        if self.compiled_batch_sizes:
+            network_input = self.padded(network_input)
+        raw = self.network(network_input)[self.output_index][:len(batch)]
+        return activate(raw, self.activation).cpu()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """`forward`, halving the batch when the device runs out of memory."""
+        try:
+            return self.forward(batch)
+        except torch.OutOfMemoryError:
+            if self.torch_device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                raise RuntimeError(f"out of memory on {self.device} for a single image at "
+                                   f"{batch.shape[-1]}x{batch.shape[-2]}; try --device cpu, a smaller --size or "
+                                   f"--dtype") from None
+            half = len(batch) // 2
+            log.warning("out of memory at batch %d on %s: retrying in halves", len(batch), self.device)
+            return torch.cat([self(batch[:half]), self(batch[half:])])

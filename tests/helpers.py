@@ -1,0 +1,186 @@
+"""Helpers shared by the tests: real images made from the assets, the app as a user starts it,
+local HTTP servers. Fixtures that use them live in conftest.py."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import zlib
+from functools import partial
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+FIXTURES = Path(__file__).parent / "fixtures"
+sys.path.insert(0, str(FIXTURES / "rmbg2"))
+
+import parity  # noqa: E402  (the published network's fixture helpers, copied from shared/rmbg2)
+
+from rmbg_demo import build_model  # noqa: E402
+
+# Variables through which a developer's own machine could leak weights, tokens or a hub into a test.
+LEAKY_VARIABLES = ("RMBG_WEIGHTS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HOME",
+                   "HF_HUB_CACHE")
+
+
+def fixture_model(name: str) -> torch.nn.Module:
+    """`name`'s network with the parity fixture's deterministic weights (no download)."""
+    model = build_model(name)
+    result = model.load_state_dict(parity.deterministic_state_dict(model), strict=False)
+    assert not result.unexpected_keys
+    assert all(k.endswith("relative_position_index") for k in result.missing_keys)
+    return model
+
+
+def composite_on_texture(texture: str, size=(640, 480), seed=0):
+    """A coloured horse pasted on a tinted texture: (RGB image, true boolean mask)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    ground = Image.open(ASSETS / f"{texture}.jpg").convert("L").resize(size)
+    tint = np.array([0.55, 0.75, 0.5]) if texture == "grass" else np.array([0.8, 0.7, 0.6])
+    background = (np.asarray(ground, dtype=float)[..., None] * tint).astype(np.uint8)
+    horse = Image.open(ASSETS / "horse_mask.png").convert("L")
+    scale = 0.75
+    horse = horse.resize((int(horse.width * scale * width / 640), int(horse.height * scale * width / 640)))
+    left = int(rng.integers(0, width - horse.width))
+    top = int(rng.integers(0, height - horse.height))
+    truth = np.zeros((height, width), dtype=bool)
+    truth[top:top + horse.height, left:left + horse.width] = np.asarray(horse) >= 128
+    colour = np.array([150, 75, 40], dtype=np.uint8)  # a chestnut horse
+    image = np.where(truth[..., None], colour, background)
+    return Image.fromarray(image.astype(np.uint8)), truth
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming a huge 1-bit image, followed by a tiny compressed block."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    body = zlib.compress(b"\x00" * ((width + 7) // 8 + 1) * 8)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+CLOSED_HUB = "http://127.0.0.1:9"  # the discard port, closed here: a hub that cannot be reached
+
+
+def hermetic_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the developer's weights, tokens or hub settings, with an
+    empty Hugging Face cache of its own; `extra` on top. Offline is not set: tests run the app
+    as a user starts it."""
+    env = {k: v for k, v in os.environ.items() if k not in LEAKY_VARIABLES}
+    env.update({"HF_HUB_CACHE": tempfile.mkdtemp(prefix="hf-cache-"), "GRADIO_ANALYTICS_ENABLED": "False",
+                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_ENDPOINT": CLOSED_HUB})
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class CountingHub:
+    """A stand-in for the Hugging Face hub on 127.0.0.1 that answers 404 and counts requests:
+    an app pointed at it (HF_ENDPOINT) that asks the hub anything shows up in `requests`."""
+
+    def __init__(self):
+        hub = self
+        self.requests: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                hub.requests.append(f"{self.command} {self.path}")
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+
+
+class AppServer:
+    """`python app.py` in a subprocess, as a user starts it: no HF_HUB_OFFLINE, no weights, no
+    token, an empty Hugging Face cache, and `hub_url` (default: a closed port, no network) as the hub."""
+
+    def __init__(self, *args, env=None, hub_url: str | None = None, script: Path | None = None):
+        self.args, self.extra_env, self.script = args, env or {}, script or ROOT / "app.py"
+        self.hub_url = hub_url or f"http://127.0.0.1:{free_port()}"
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.gradio_tmp = tempfile.mkdtemp(prefix="gradio-test-")
+        self.start()
+
+    def start(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        environment = hermetic_env(GRADIO_TEMP_DIR=self.gradio_tmp, HF_ENDPOINT=self.hub_url, **self.extra_env)
+        self.started = time.monotonic()
+        self.process = subprocess.Popen([sys.executable, str(self.script), "--port", str(self.port), *self.args],
+                                        stdout=self.log, stderr=subprocess.STDOUT, env=environment)
+
+    def wait(self, timeout=180):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                if "Cannot find empty port" in self.output() or "address already in use" in self.output():
+                    self.start()  # another process took the port between free_port() and the bind: retry
+                    continue
+                raise RuntimeError(f"app exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as response:
+                    if response.status == 200:
+                        self.startup_seconds = time.monotonic() - self.started
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"app did not answer in {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+class ImageServer:
+    """A plain HTTP server on 127.0.0.1 serving the assets, for the URL tab."""
+
+    def __init__(self):
+        class Quiet(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(ASSETS)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
