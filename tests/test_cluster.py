@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from helpers import free_port
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
@@ -49,8 +50,6 @@ def make_photos(folder: Path, count: int, prefix="p") -> list[Path]:
 def s3_server():
     """moto's S3 in server mode; its endpoint and fake credentials in the environment before Ray starts, so
     pyarrow finds them in the driver and in every worker, as it would find a real store's."""
-    from conftest import free_port
-
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -5,11 +5,11 @@ import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
+from helpers import ASSETS, bomb_png, free_port
 from PIL import Image
 from ray import serve
 
@@ -18,7 +18,6 @@ from rmbg_demo.cluster.runtime import connect
 from rmbg_demo.cluster.serve import replica_options, start_service
 from rmbg_demo.cluster.serve_app import ServeSettings
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MAX_BYTES = 300_000
 MAX_BATCH = 4
 MAX_QUEUED = 16  # waiting at the proxy, beyond 2 * MAX_BATCH at the replica: room for the 8 clients, not for 48
@@ -34,8 +33,6 @@ def serve_ray():
 
 @pytest.fixture(scope="module")
 def service(serve_ray):
-    from conftest import free_port
-
     settings = ServeSettings(model="u2netp", max_batch=MAX_BATCH, max_bytes=MAX_BYTES, allow_private_urls=True)
     url = start_service(settings, port=free_port(), max_queued=MAX_QUEUED)
     yield url
@@ -101,8 +98,6 @@ def test_remove_answers_the_image_in_every_input_form(service, image_server):
 
 @pytest.mark.parametrize("case", ["junk", "truncated", "bomb", "too_big", "bad_format", "bad_colour", "empty"])
 def test_bad_input_is_a_clear_error_and_the_service_stays_up(service, case):
-    from conftest import bomb_png
-
     photo = (ASSETS / "chelsea.jpg").read_bytes()
     data, query, expected = {
         "junk": (b"<html>not an image</html>", "", 400),
@@ -157,8 +152,6 @@ def test_a_full_queue_answers_503_and_the_rest_are_served(service):
 
 
 def test_remote_remover_client(service):
-    from conftest import free_port
-
     remote = RemoteRemover(service)
     assert remote.healthy()
     body, headers = remote.remove(patch_photo((250, 120, 0)), background="#0000ff", format="png")

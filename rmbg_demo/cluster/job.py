@@ -82,10 +82,11 @@ def plan_job(args) -> Plan:
     input or another input's output; existing outputs are kept unless --overwrite (so a rerun resumes)."""
     plan = Plan()
     sources, errors = storage.list_images(args.inputs, recursive=args.recursive)
+    sources = [storage.absolute(s) for s in sources]  # workers may have another working directory
     plan.failed += [ManifestRecord(input=text.split(": ", 1)[0], error=text) for text in errors]
     ext = FORMAT_EXTENSIONS[args.format]
-    out = storage.location(args.output)
-    existing = storage.existing_files(out)
+    out = storage.absolute(storage.location(args.output))
+    existing = {_canonical(p) for p in storage.existing_files(out)}
     inputs = {_canonical(s) for s in sources}
     taken: dict[str, str] = {}
     for source in sources:
@@ -139,31 +140,38 @@ def read_stage(batch: dict) -> dict:
     return {**batch, "data": _column(data), "error": _column(errors), "t_read": np.array(seconds)}
 
 
-def decode_stage(batch: dict, max_pixels: int) -> dict:
-    """Bytes -> pixels (RGB or RGBA, as the plain CLI decodes them), or the file's own error."""
+def decode_stage(batch: dict, max_pixels: int, model: str) -> dict:
+    """Bytes -> pixels (RGB or RGBA, as the plain CLI decodes them) and the network's input, on the CPU;
+    or the file's own error."""
     from ..imageio import ImageDecodeError, load_image
+    from ..models import get_spec
+    from ..processing import preprocess
 
-    pixels, widths, heights, channels, errors, seconds = [], [], [], [], [], []
+    spec = get_spec(model)
+    pixels, tensors, widths, heights, channels, errors, seconds = [], [], [], [], [], [], []
     for data, error in zip(batch["data"], batch["error"]):
         started = time.perf_counter()
         width = height = bands = 0
-        raw = b""
+        raw = tensor = b""
         if not error:
             try:
                 image = load_image(bytes(data), max_pixels=max_pixels)
                 width, height, bands = image.width, image.height, len(image.getbands())
                 raw = image.tobytes()
+                tensor = preprocess(image, spec).numpy().tobytes()
             except (ImageDecodeError, OSError) as exc:
                 error = str(exc)
         pixels.append(raw)
+        tensors.append(tensor)
         widths.append(width)
         heights.append(height)
         channels.append(bands)
         errors.append(error)
         seconds.append(time.perf_counter() - started)
     rest = {k: v for k, v in batch.items() if k != "data"}
-    return {**rest, "pixels": _column(pixels), "width": np.array(widths), "height": np.array(heights),
-            "channels": np.array(channels), "error": _column(errors), "t_decode": np.array(seconds)}
+    return {**rest, "pixels": _column(pixels), "tensor": _column(tensors), "width": np.array(widths),
+            "height": np.array(heights), "channels": np.array(channels), "error": _column(errors),
+            "t_decode": np.array(seconds)}
 
 
 def _image(row_pixels, width: int, height: int, channels: int):
@@ -173,50 +181,52 @@ def _image(row_pixels, width: int, height: int, channels: int):
 
 
 class NetworkStage:
-    """One model per actor, loaded once; each call is one network batch of the rows that decoded."""
+    """One engine per actor, built once (the model loaded once); each call is one network batch of the rows
+    that decoded, their inputs already preprocessed by the CPU tasks."""
 
-    def __init__(self, model: str, weights, device: str, dtype: str, batch_size: int):
-        from ..pipeline import RemovalPipeline
+    def __init__(self, model: str, weights, device: str, dtype: str, batch_size: int, compile: str | None = None):
+        from ..engines import build_engine
+        from ..models import get_spec
 
-        self.pipeline = RemovalPipeline(model, weights, device, dtype, batch_size=batch_size)
+        self.model = model
+        self.size = tuple(get_spec(model).input_size)
+        self.engine = build_engine(model, weights, device, dtype, input_size=self.size, compile=compile,
+                                   max_batch=batch_size)
 
     def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from ..pipeline import BATCH_ERRORS
+
         ok = [i for i, error in enumerate(batch["error"]) if not error]
         n = len(batch["error"])
         probs, shapes, errors = [b""] * n, [(0, 0)] * n, list(batch["error"])
         started = time.perf_counter()
         if ok:
-            images = [_image(batch["pixels"][i], batch["width"][i], batch["height"][i], batch["channels"][i])
-                      for i in ok]
+            inputs = np.stack([np.frombuffer(bytes(batch["tensor"][i]), np.float32) for i in ok])
             try:
-                out = self.pipeline.predict_probabilities(images).numpy()
+                out = self.engine(torch.from_numpy(inputs.reshape(len(ok), 3, *self.size))).numpy()
                 for i, probability in zip(ok, out):
                     probs[i] = np.ascontiguousarray(probability[0], dtype=np.float32).tobytes()
                     shapes[i] = probability.shape[1:]
-            except RuntimeError as exc:  # out of memory at batch size 1, a device error: these rows fail
+            except BATCH_ERRORS as exc:  # out of memory at batch size 1, a device error: these rows fail
                 for i in ok:
                     errors[i] = f"network: {exc}"
         each = (time.perf_counter() - started) / max(1, len(ok))
-        return {**batch, "prob": _column(probs), "prob_h": np.array([s[0] for s in shapes]),
+        rest = {k: v for k, v in batch.items() if k != "tensor"}
+        return {**rest, "prob": _column(probs), "prob_h": np.array([s[0] for s in shapes]),
                 "prob_w": np.array([s[1] for s in shapes]), "error": _column(errors),
-                "model": _column([self.pipeline.model_name] * n), "t_network": np.full(n, each if ok else 0.0)}
+                "model": _column([self.model] * n), "t_network": np.full(n, each if ok else 0.0)}
 
 
 def _to_mask(probability: np.ndarray, size: tuple[int, int], model: str):
-    """The pipeline's own resize of the probabilities to the photo's size (the same masks as the plain CLI)."""
+    """The model's own resize of the probabilities to the photo's size (the same masks as the plain CLI)."""
     import torch
 
     from ..models import get_spec
-    from ..pipeline import RemovalPipeline
+    from ..processing import to_mask
 
-    tensor = torch.from_numpy(probability)[None]
-    try:
-        from ..processing import to_mask
-    except ImportError:  # before the processing module: the pipeline's method needs only the spec
-        class _SpecOnly:
-            spec = get_spec(model)
-        return RemovalPipeline.to_mask(_SpecOnly(), tensor, size)
-    return to_mask(tensor, size, get_spec(model))
+    return to_mask(torch.from_numpy(probability)[None], size, get_spec(model))
 
 
 def post_stage(batch: dict, background, refine: bool, fmt: str) -> dict:
@@ -299,12 +309,13 @@ def build_dataset(ray, plan: Plan, args, model: str, workers: tuple[int, int], g
     ds = ray.data.from_items(plan.tasks, override_num_blocks=blocks)
     small = {"batch_format": "numpy", "batch_size": 4, "zero_copy_batch": False}
     ds = ds.map_batches(read_stage, **small)
-    ds = ds.map_batches(decode_stage, fn_kwargs={"max_pixels": args.max_pixels}, **small)
+    ds = ds.map_batches(decode_stage, fn_kwargs={"max_pixels": args.max_pixels, "model": model}, **small)
     # Actor pool: the model loads once per actor; Ray restarts a dead actor and resends its batches.
     ds = ds.map_batches(
         NetworkStage, fn_constructor_kwargs={"model": model, "weights": _weights(args.weights),
                                              "device": args.device, "dtype": args.dtype,
-                                             "batch_size": args.batch_size},
+                                             "batch_size": args.batch_size,
+                                             "compile": getattr(args, "compile", None)},
         batch_size=args.batch_size, batch_format="numpy", zero_copy_batch=False,
         compute=ActorPoolStrategy(min_size=workers[0], max_size=workers[1]),
         num_gpus=gpus or None, num_cpus=None if gpus else 1, memory=actor_memory(model))
@@ -382,6 +393,7 @@ def run_ray_job(args) -> int:
         from ..pipeline import choose_model
 
         model = choose_model(args.model, args.weights)
+        parse_workers(args.workers, 0)  # a bad --workers fails before anything starts
         plan = plan_job(args)
         started_here = connect(args.ray, quiet=args.quiet)
     except (RayMissingError, ValueError, OSError, ConnectionError) as exc:
@@ -434,8 +446,12 @@ def run_ray_job(args) -> int:
 
 
 def _quiet_progress(ray, quiet: bool) -> None:
+    """-q: no progress bars and no execution log from Ray Data (errors and the summary still print)."""
     if quiet:
+        import logging
+
         ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def summary(written: int, failed: int, skipped: int, wall: float, totals: dict, manifest: str) -> str:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 DEFAULT_PORT = 8000
 
 
 def add_serve_parser(subparsers):
     """Adds the `serve` subcommand to the CLI's subparsers; returns its parser."""
-    from ..models import model_names
+    from ..options import add_model_arguments
 
     serve = subparsers.add_parser("serve", help="an HTTP service on Ray Serve (POST /remove)",
                                   description="Runs until Ctrl-C. Needs: pip install 'rmbg-demo[ray]'")
@@ -23,10 +22,7 @@ def add_serve_parser(subparsers):
                        help="the Ray cluster (default: RAY_ADDRESS, else a local Ray started here)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
-    serve.add_argument("--model", default="auto", choices=["auto", *model_names()])
-    serve.add_argument("--weights", type=Path, metavar="FILE", help="weights of --model (a path every node sees)")
-    serve.add_argument("--device", default="auto")
-    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    add_model_arguments(serve)  # --model, --weights (a path every node sees), --device, --dtype
     serve.add_argument("--replicas", default="1", metavar="N|auto",
                        help="replicas of the model; auto: 1 to one per GPU (or 4), by requests in flight")
     serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests that share a network batch")

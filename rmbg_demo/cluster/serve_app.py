@@ -1,13 +1,15 @@
 """The Ray Serve deployment behind `rmbg serve` (imports Ray: load it through `serve.py`).
 
 Each replica loads the models it is asked for once; concurrent requests share network batches
-through `@serve.batch`. Decoding, composing and encoding run on the replica's threads, per
-request, so a bad upload fails alone (400) and never reaches a shared batch.
+through `@serve.batch` (only the engine call is batched). Decoding, preprocessing, composing and
+encoding run on the replica's threads, per request, so a bad upload fails alone (400) and never
+reaches a shared batch.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS
 
+log = logging.getLogger(__name__)
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp"}
 
 
@@ -69,12 +72,14 @@ class Remover:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _network(self, items: list[tuple[str, object]]) -> list:
-        """One network pass per model among the queued requests' images; answers in their order."""
+        """One engine call per model among the queued requests' preprocessed inputs; answers in their order."""
+        import torch
+
         out: list = [None] * len(items)
         for model in dict.fromkeys(m for m, _ in items):
             indices = [i for i, (m, _) in enumerate(items) if m == model]
-            pipeline = self.pipelines[model]
-            probabilities = await asyncio.to_thread(pipeline.predict_probabilities, [items[i][1] for i in indices])
+            batch = torch.cat([items[i][1] for i in indices])
+            probabilities = await asyncio.to_thread(self.pipelines[model].engine, batch)
             for i, probability in zip(indices, probabilities):
                 out[i] = probability
         return out
@@ -93,6 +98,9 @@ class Remover:
             return _error(str(exc), exc.status)
         except RuntimeError as exc:  # the network failed (out of memory...): this request only
             return _error(f"the model failed: {exc}", 500)
+        except Exception as exc:  # noqa: BLE001 - a bug answers JSON like every other error; the replica lives on
+            log.exception("%s %s failed", request.method, path)
+            return _error(f"internal error: {exc.__class__.__name__}: {exc}", 500)
 
     def _models(self) -> dict:
         from ..models import REGISTRY
@@ -103,16 +111,9 @@ class Remover:
 
     def _available(self, name: str) -> bool:
         """Loaded, or loadable from this replica's disk: a request never waits for a download."""
-        from ..models import get_spec
-        from ..weights import WeightsError, resolve_weights
+        from ..weights import weights_available
 
-        if name in self.pipelines or get_spec(name).runtime == "onnx":
-            return True
-        try:
-            resolve_weights(name, local_only=True)
-            return True
-        except WeightsError:
-            return False
+        return name in self.pipelines or weights_available(name)
 
     async def _remove(self, request: Request) -> Response:
         from ..imageio import ImageDecodeError, encode_image, load_image
@@ -125,13 +126,18 @@ class Remover:
             raise BadRequest(f"format must be one of {', '.join(FORMAT_EXTENSIONS)}, not {fmt!r}")
         background = self._background(query.get("background"))
         data = await self._body(request)
+        pipeline = self._load(model)
+
+        def decode():  # this request's own thread: a bad file fails here, alone
+            image = load_image(data, max_pixels=self.settings.max_pixels)
+            return image, pipeline.preprocess(image)
+
         try:
-            image = await asyncio.to_thread(load_image, data, max_pixels=self.settings.max_pixels)
+            image, network_input = await asyncio.to_thread(decode)
         except ImageDecodeError as exc:
             raise BadRequest(str(exc)) from None
-        pipeline = self._load(model)
         decoded = time.perf_counter()
-        probability = await self._network((model, image))
+        probability = await self._network((model, network_input))
         networked = time.perf_counter()
 
         def finish() -> bytes:

@@ -56,6 +56,11 @@ def location(value) -> str:
     return f"{match.group(1)}://{match.group(2)}" if match and match.group(1) != "file" else text
 
 
+def absolute(location: str) -> str:
+    """A local path made absolute (a URI as it is)."""
+    return location if is_uri(location) else str(_local(location).absolute())
+
+
 def join(base: str, name: str) -> str:
     """`name` inside the folder or prefix `base`."""
     base = str(base)
