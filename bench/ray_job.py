@@ -159,10 +159,13 @@ def serve_load(clients: int, requests: int, max_batch: int) -> dict:
 
 
 def paper_estimate(overhead: float) -> list[str]:
+    """Images/hour at the card's latency; the job's stages overlap, so the network's rate is the ceiling and
+    a measured ratio below 1 (the job beating the serial CLI) is not credited."""
     per_gpu = 3600 * 1000 / CARD_MS_A100
+    penalty = max(1.0, overhead)
     rows = ["| GPUs | images/hour, network only | with the job's measured overhead |", "|---|---|---|"]
     for gpus in (1, 4, 8, 16):
-        rows.append(f"| {gpus} | {per_gpu * gpus:,.0f} | {per_gpu * gpus / overhead:,.0f} |")
+        rows.append(f"| {gpus} | {per_gpu * gpus:,.0f} | {per_gpu * gpus / penalty:,.0f} |")
     return rows
 
 
