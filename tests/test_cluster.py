@@ -1,0 +1,256 @@
+"""`rmbg remove --ray` on a real local Ray (2 CPUs), against the plain CLI, on local files and on a real
+S3-compatible server (moto in server mode on 127.0.0.1), with a model actor killed mid-job."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from helpers import free_port
+from moto.server import ThreadedMotoServer
+from PIL import Image
+
+from rmbg_demo.cluster import manifest as manifest_module
+from rmbg_demo.cluster import storage
+from rmbg_demo.cluster.job import parse_workers, remove_parser, run_ray_job
+from rmbg_demo.cluster.job import split_ray_address as split_address
+from rmbg_demo.cluster.runtime import connect
+from rmbg_demo.pipeline import RemovalPipeline
+
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (240, 200, 30), (200, 60, 200), (30, 200, 210)]
+
+
+def photo(index: int, size=(64, 48)) -> Image.Image:
+    """A coloured patch on a textured grey background: small, distinct per index."""
+    width, height = size
+    rng = np.random.default_rng(index)
+    pixels = (rng.integers(90, 140, (height, width, 3))).astype(np.uint8)
+    pixels[height // 5:height * 4 // 5, width // 4:width * 3 // 4] = COLOURS[index % len(COLOURS)]
+    return Image.fromarray(pixels)
+
+
+def make_photos(folder: Path, count: int, prefix="p") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{prefix}{i:02d}.png" if i % 2 else folder / f"{prefix}{i:02d}.jpg"
+        photo(i).save(path, quality=95) if path.suffix == ".jpg" else photo(i).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 in server mode; its endpoint and fake credentials in the environment before Ray starts, so
+    pyarrow finds them in the driver and in every worker, as it would find a real store's."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield f"http://127.0.0.1:{port}"
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3_server):
+    """One local Ray for the session (started after the S3 environment is set, so workers inherit it)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    connect(None, num_cpus=2, quiet=True)
+    yield
+    ray.shutdown()
+
+
+def ray_args(*argv):
+    args = remove_parser().parse_args(["remove", *map(str, argv)])
+    assert args.ray is not None
+    return args
+
+
+def plain_cli(*argv, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rmbg_demo", "remove", *map(str, argv)], capture_output=True,
+                          text=True, timeout=300, cwd=cwd, check=False)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_same_outputs_as_the_plain_cli_a_bad_file_is_a_manifest_line_and_a_rerun_resumes(local_ray, tmp_path,
+                                                                                          capfd):
+    inputs = make_photos(tmp_path / "in", 4)
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a header, then nothing
+    common = ["--model", "u2netp", "--mask", "--batch-size", "2"]
+    plain = plain_cli(tmp_path / "in", "-o", tmp_path / "plain", *common)
+    assert plain.returncode == 1, plain.stderr
+
+    code = run_ray_job(ray_args(tmp_path / "in", "-o", tmp_path / "ray", *common, "--ray"))
+
+    assert code == 1  # one input failed
+    err = capfd.readouterr().err
+    assert "4 written, 1 failed, 0 skipped" in err and "images/s" in err and "network" in err
+    assert files(tmp_path / "ray") == sorted(files(tmp_path / "plain") + ["manifest.jsonl"])  # no temp files
+    for name in files(tmp_path / "plain"):
+        assert np.array_equal(pixels(tmp_path / "ray" / name), pixels(tmp_path / "plain" / name)), name
+    records = {Path(r.input).name: r for r in manifest_module.read_manifest(tmp_path / "ray" / "manifest.jsonl")}
+    assert sorted(records) == sorted(p.name for p in (tmp_path / "in").iterdir())
+    assert "broken.png" in records and records["broken.png"].error and not records["broken.png"].outputs
+    good = records[inputs[0].name]
+    assert good.error is None and good.model == "u2netp" and (good.width, good.height) == (64, 48)
+    assert sorted(Path(p).name for p in good.outputs) == ["p00.png", "p00_mask.png"]
+
+    # A crash left one cut-out missing: the rerun writes it and touches nothing else.
+    (tmp_path / "ray" / "p03.png").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray").glob("*.png")}
+    code = run_ray_job(ray_args(tmp_path / "in", "-o", tmp_path / "ray", *common, "--ray"))
+    assert code == 1
+    assert "1 written, 1 failed, 3 skipped" in capfd.readouterr().err
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray").glob("*.png")}
+    assert {k for k in after if before.get(k) != after[k]} == {"p03.png"}
+    assert np.array_equal(pixels(tmp_path / "ray" / "p03.png"), pixels(tmp_path / "plain" / "p03.png"))
+    latest = {Path(r.input).name: r for r in manifest_module.read_manifest(tmp_path / "ray" / "manifest.jsonl")}
+    assert latest["p03.png"].outputs and not latest["p03.png"].skipped
+    assert latest["p00.jpg"].skipped
+
+
+def s3_filesystem():
+    from pyarrow import fs
+
+    # The endpoint and keys come from the environment, as in the job.
+    return fs.FileSystem.from_uri("s3://photos?allow_bucket_creation=true&allow_delayed_open=true")[0]
+
+
+def test_reads_and_writes_object_storage(local_ray, s3_server, tmp_path):
+    s3 = s3_filesystem()
+    s3.create_dir("photos")
+    local = make_photos(tmp_path / "in", 3)
+    for path in local:
+        with s3.open_output_stream(f"photos/in/{path.name}") as stream:
+            stream.write(path.read_bytes())
+    with s3.open_output_stream("photos/in/readme.txt") as stream:
+        stream.write(b"not an image, and not listed")
+
+    code = run_ray_job(ray_args("s3://photos/in/*", "-o", "s3://photos/out", "--model", "u2netp", "--mask",
+                                "--ray", "-q"))
+
+    assert code == 0
+    from pyarrow import fs
+
+    listing = {info.base_name for info in s3.get_file_info(fs.FileSelector("photos/out"))}
+    assert listing == {f"p0{i}{s}.png" for i in range(3) for s in ("", "_mask")} | {"manifest.jsonl"}
+    # What the plain CLI writes, made by the calls it makes (the first test holds the two CLIs together).
+    pipeline = RemovalPipeline("u2netp")
+    for path in local:
+        result = pipeline(path)
+        for name, image in ((f"{path.stem}.png", result.cutout()), (f"{path.stem}_mask.png", result.mask)):
+            got = Image.open(io.BytesIO(storage.read_bytes(f"s3://photos/out/{name}")))
+            assert np.array_equal(np.asarray(got), np.asarray(image)), name
+    lines = storage.read_bytes("s3://photos/out/manifest.jsonl").decode().splitlines()
+    assert sorted(json.loads(line)["input"] for line in lines) == [f"s3://photos/in/{p.name}" for p in local]
+
+
+def actor_pids(marker: str = "NetworkStage") -> set[int]:
+    """PIDs of Ray worker processes running our model actor (Ray titles them ray::...NetworkStage...)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::") and marker in title:
+            found.add(int(entry.name))
+    return found
+
+
+def test_a_killed_model_worker_is_replaced_and_every_output_is_written_once(local_ray, tmp_path):
+    make_photos(tmp_path / "in", 16)
+    out = tmp_path / "out"
+    args = ray_args(tmp_path / "in", "-o", out, "--model", "u2netp", "--mask", "--batch-size", "2",
+                    "--workers", "1", "--ray", "-q")
+    result = {}
+    job = threading.Thread(target=lambda: result.setdefault("code", run_ray_job(args)))
+    job.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and job.is_alive() and time.monotonic() < deadline:
+        pids = actor_pids()
+        if pids and out.is_dir() and any(out.glob("*_mask.png")):  # the actor is mid-job
+            killed = min(pids)
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    assert killed is not None, "the job ended before its model actor could be killed"
+    assert job.is_alive()
+    job.join(300)
+
+    assert result.get("code") == 0
+    names = files(out)
+    assert names == sorted([f"p{i:02d}{s}.png" for i in range(16) for s in ("", "_mask")] + ["manifest.jsonl"])
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["input"]).name for r in lines) == sorted(p.name for p in (tmp_path / "in").iterdir())
+    assert all(r["error"] is None for r in lines)  # each input once, none failed
+    for i in (0, 15):
+        assert Image.open(out / f"p{i:02d}.png").size == (64, 48)
+
+
+def test_missing_ray_is_a_clear_error_naming_the_extra(tmp_path):
+    make_photos(tmp_path / "in", 1)
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from rmbg_demo.cluster.job import remove_parser, run_ray_job\n"
+            f"args = remove_parser().parse_args(['remove', {str(tmp_path / 'in')!r}, '-o', "
+            f"{str(tmp_path / 'out')!r}, '--model', 'u2netp', '--ray'])\n"
+            "sys.exit(run_ray_job(args))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1], check=False)
+    assert run.returncode == 2
+    assert "pip install 'rmbg-demo[ray]'" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_workers_flag_and_the_optional_address():
+    assert parse_workers("3", 0) == (3, 3)
+    assert parse_workers("1,4", 0) == (1, 4)
+    assert parse_workers(None, 0) == (1, 1)
+    assert parse_workers(None, 4) == (1, 4)
+    for bad in ("0", "4,2", "x", "1,2,3"):
+        with pytest.raises(ValueError, match="--workers"):
+            parse_workers(bad, 0)
+    args = remove_parser().parse_args(["remove", "-o", "out", "--ray", "photo.jpg", "more.jpg"])
+    split_address(args)
+    assert (args.ray, args.inputs) == ("", ["photo.jpg", "more.jpg"])  # a file after --ray is an input
+    for address in ("auto", "ray://head:10001", "10.0.0.5:6379"):
+        args = remove_parser().parse_args(["remove", "a.jpg", "-o", "out", "--ray", address])
+        split_address(args)
+        assert (args.ray, args.inputs) == (address, ["a.jpg"])
+
+
+def test_manifest_keeps_the_latest_record_per_input_and_survives_a_torn_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    with manifest_module.ManifestWriter(path) as writer:
+        writer.write(manifest_module.ManifestRecord("a.jpg", error="not an image"))
+        writer.write(manifest_module.ManifestRecord("b.jpg", ["out/b.png"], "u2netp", 4, 3, 0.5))
+        writer.write(manifest_module.ManifestRecord("a.jpg", ["out/a.png"], "u2netp", 4, 3, 0.25))
+        assert (writer.count, writer.failed) == (3, 1)
+    with open(path, "a") as handle:
+        handle.write('{"input": "c.jpg", "outp')  # the writer was killed mid-line
+    latest = {r.input: r for r in manifest_module.read_manifest(path)}
+    assert sorted(latest) == ["a.jpg", "b.jpg"]
+    assert latest["a.jpg"].ok and latest["a.jpg"].outputs == ["out/a.png"]
+    assert len(manifest_module.read_manifest(path, latest=False)) == 3
