@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .cluster.manifest import ManifestRecord, ManifestWriter
 from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, encode_image, image_files, write_atomic
-from .models import REGISTRY, model_names
+from .models import REGISTRY, model_names, torch_model_names
 from .options import add_compile_argument, add_model_arguments, add_size_argument
 
 log = logging.getLogger("rmbg_demo")
@@ -24,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Writes OUT_DIR/<name>.png (RGBA) per input; a bad file is reported and "
                                         "skipped.")
     remove.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    remove.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR")
+    # A string, not a Path: with --ray it may be object storage (Path would turn s3://b/k into s3:/b/k).
+    remove.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="a folder (or with --ray a URI)")
     add_model_arguments(remove)
     add_size_argument(remove)
     remove.add_argument("--batch-size", type=int, default=1, metavar="N")
@@ -39,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="refuse larger images (default 50 MP)")
     remove.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    remove.add_argument("--manifest", metavar="FILE",
+                        help="JSON Lines, one record per input: input, outputs, model, width, height, seconds, error "
+                             "(with --ray always written, by default to OUT/manifest.jsonl)")
+    from .cluster import add_ray_arguments, add_serve_parser
+
+    add_ray_arguments(remove)
     video = remove.add_argument_group("video", "clips (recognised by their content) in the inputs")
     video.add_argument("--video-format", choices=["webm", "mov", "png", "mp4"], default="webm",
                        help="webm: VP9 with alpha (default); mov: ProRes 4444 with alpha; png: a folder of RGBA "
@@ -47,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--max-video-seconds", type=float, metavar="S", help="refuse longer clips")
 
     sub.add_parser("models", help="list the models, their licences and whether their weights are here")
+    add_serve_parser(sub)
+
+    export = sub.add_parser("export", help="write a PyTorch model as ONNX (dynamic batch), checked by ONNX Runtime",
+                            description="The file's input is the normalised image as the model card prepares it; "
+                                        "its one output the final map; its metadata the model, size, mean/std and "
+                                        "licence. Run it with: rmbg remove ... --weights FILE.onnx")
+    export.add_argument("model", choices=torch_model_names(), metavar="MODEL",
+                        help=f"one of: {', '.join(torch_model_names())}")
+    export.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.onnx")
+    export.add_argument("--weights", metavar="FILE", help="a .safetensors/.pth/.bin checkpoint (default: as `remove`)")
+    add_size_argument(export)
+    export.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (16 or newer: GridSample)")
+    export.add_argument("--overwrite", action="store_true")
 
     evaluate = sub.add_parser("eval", help="score models against ground-truth masks (pysodmetrics)",
                               description="Images and masks are matched by file stem; unmatched files are listed.")
@@ -142,6 +165,23 @@ def output_problem(job: Job, taken: dict, inputs: set) -> str | None:
 
 
 def run_remove(args) -> int:
+    if args.ray is not None:
+        from .cluster import run_ray_job
+        from .cluster.job import split_ray_address
+
+        split_ray_address(args)
+        return run_ray_job(args)
+    args.output = Path(args.output)
+    manifest = ManifestWriter(args.manifest) if args.manifest else None
+    try:
+        return remove_here(args, manifest)
+    finally:
+        if manifest:
+            manifest.close()
+
+
+def remove_here(args, manifest) -> int:
+    """`rmbg remove` in this process."""
     from .pipeline import RemovalPipeline
     from .weights import WeightsError
 
@@ -149,6 +189,7 @@ def run_remove(args) -> int:
     jobs, errors, skipped = plan_jobs(args, background)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
+        record(manifest, message.split(": ", 1)[0], error=message.split(": ", 1)[-1])
     written = 0
     if jobs:
         try:
@@ -158,20 +199,31 @@ def run_remove(args) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"model: {pipeline.describe()}", file=sys.stderr)
-        written, failed = process_jobs(pipeline, [job for job in jobs if not job.video], background, args)
+        written, failed = process_jobs(pipeline, [job for job in jobs if not job.video], background, args, manifest)
         errors += failed
         for job in (job for job in jobs if job.video):
+            started = time.perf_counter()
             try:
-                process_video(pipeline, job, background, args)
+                result = process_video(pipeline, job, background, args)
                 written += 1
+                record(manifest, job.source, job.outputs, pipeline.model_name, result.info.width, result.info.height,
+                       time.perf_counter() - started)
             except (OSError, ValueError, RuntimeError) as exc:  # VideoError is a ValueError
                 errors.append(f"{job.source}: {exc}")
                 print(f"error: {errors[-1]}", file=sys.stderr)
+                record(manifest, job.source, model=pipeline.model_name, error=str(exc))
     summary = f"{written} written, {len(errors)} failed, {skipped} skipped"
     if skipped:
         summary += " (outputs exist; --overwrite replaces them)"
     print(summary, file=sys.stderr)
     return 1 if errors else 0
+
+
+def record(manifest, source, outputs=None, model=None, width=None, height=None, seconds=0.0, error=None) -> None:
+    """One manifest line (when --manifest was given)."""
+    if manifest is not None:
+        manifest.write(ManifestRecord(str(source), [str(p) for p in (outputs or {}).values()], model, width, height,
+                                      seconds, error))
 
 
 def process_video(pipeline, job: Job, background, args) -> None:
@@ -183,12 +235,12 @@ def process_video(pipeline, job: Job, background, args) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        remove_video(pipeline, job.source, args.output, fmt=args.video_format, background=background,
+        return remove_video(pipeline, job.source, args.output, fmt=args.video_format, background=background,
                      mask=args.mask, smooth=args.smooth, refine=args.refine, overwrite=args.overwrite,
                      max_seconds=args.max_video_seconds, progress=progress)
 
 
-def process_jobs(pipeline, jobs: list[Job], background, args) -> tuple[int, list[str]]:
+def process_jobs(pipeline, jobs: list[Job], background, args, manifest=None) -> tuple[int, list[str]]:
     """Runs the image jobs `batch_size` at a time; one bad input never stops the others."""
     written, failed = 0, []
     bar = tqdm(total=len(jobs), unit="img", disable=args.quiet, file=sys.stderr)
@@ -198,8 +250,12 @@ def process_jobs(pipeline, jobs: list[Job], background, args) -> tuple[int, list
                 raise outcome.error
             save_outputs(job, outcome.result, background, args)
             written += 1
+            image = outcome.result.image
+            record(manifest, job.source, job.outputs, pipeline.model_name, image.width, image.height,
+                   outcome.result.seconds)
         except (OSError, ValueError, RuntimeError) as exc:
             failed.append(report(bar, job.source, exc))
+            record(manifest, job.source, model=pipeline.model_name, error=str(exc))
         bar.update(1)
     bar.close()
     return written, failed
@@ -287,8 +343,31 @@ def run_compare(args) -> int:
     return 0
 
 
+def run_export(args) -> int:
+    from .export import ExportError, export_onnx
+
+    try:
+        report = export_onnx(args.model, args.output, weights=args.weights, size=args.size, dtype=args.dtype,
+                             opset=args.opset, overwrite=args.overwrite)
+    except ExportError as exc:  # the file disagreed with the network, or the exporter failed: nothing kept
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    height, width = report.size
+    check = f"; ONNX Runtime agrees with PyTorch (worst {report.check.worst})" if report.check else ""
+    print(f"{report.path}: {report.model} at {width}x{height}, {report.dtype}, opset {report.opset}, dynamic "
+          f"{'/'.join(report.dynamic_axes)}, {report.file_bytes / 2**20:.0f} MiB in {report.seconds:.0f} s{check}",
+          file=sys.stderr)
+    return 0
+
+
+def run_serve(args) -> int:
+    from .cluster import run_serve as serve
+
+    return serve(args)
+
+
 COMMANDS = {"remove": run_remove, "models": run_models, "eval": run_eval, "make-benchmark": run_make_benchmark,
-            "compare": run_compare}
+            "compare": run_compare, "export": run_export, "serve": run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
