@@ -129,11 +129,13 @@ class RemovalPipeline:
         self.max_pixels = max_pixels
         started = time.perf_counter()
         if engine is None:
-            size = tuple(input_size or self.spec.input_size)
-            engine = build_engine(self.spec, weights, device, dtype, network=network, input_size=size,
+            engine = build_engine(self.spec, weights, device, dtype, network=network, input_size=input_size,
                                   compile=compile, max_batch=max(self.batch_size, batch_requests))
         self.engine = RequestBatcher(engine, batch_requests) if batch_requests > 1 else engine
-        self.input_size = tuple(input_size or engine.fixed_size or self.spec.input_size)
+        # An exported file's own size (its metadata) comes before the model's, when none is asked for.
+        own_size = getattr(engine, "input_size", None) if isinstance(getattr(engine, "input_size", None), tuple) \
+            else None
+        self.input_size = tuple(input_size or engine.fixed_size or own_size or self.spec.input_size)
         if engine.fixed_size and engine.fixed_size != self.input_size:
             raise ValueError(f"this {engine.name} model runs at {engine.fixed_size[1]}x{engine.fixed_size[0]} only, "
                              f"not {self.input_size[1]}x{self.input_size[0]}")
