@@ -153,3 +153,32 @@ def test_compare_tab_shows_each_models_cutout_and_time(browser, compare_server):
         assert page.locator("#compare-gallery img").count() >= 2
     finally:
         context.close()
+
+
+def test_video_tab_plays_the_transparent_result(page, tmp_path):
+    """A clip dropped on the video tab comes back as a WebM with alpha that the browser plays
+    (readyState and currentTime advance), with the video and its matte to download."""
+    import av
+    from test_video import moving_subject, write_clip
+
+    images, _ = moving_subject(frames=8)
+    clip = tmp_path / "walk.mp4"
+    write_clip(clip, images)
+    page.get_by_role("tab", name="video").click()
+    page.locator("#video-input input[type=file]").set_input_files(str(clip))
+    page.locator("#run-video").click()
+    page.get_by_text("8 frames at").wait_for()
+    video = page.locator("#video-result video")
+    video.wait_for()
+    page.wait_for_function("() => { const v = document.querySelector('#video-result video');"
+                           " return v && v.readyState >= 2; }")
+    page.evaluate("() => document.querySelector('#video-result video').play()")
+    page.wait_for_function("() => document.querySelector('#video-result video').currentTime > 0")
+    webm = tmp_path / "result.webm"
+    webm.write_bytes(download(page, "#video-files"))
+    with av.open(str(webm)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "vp9"
+        decoder = av.CodecContext.create("libvpx-vp9", "r")  # FFmpeg's own vp9 decoder drops alpha
+        frames = [f for packet in container.demux(stream) for f in decoder.decode(packet)]
+    assert len(frames) == 8 and frames[0].format.name == "yuva420p"
