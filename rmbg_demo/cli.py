@@ -131,10 +131,10 @@ def job_for(source: Path, args, background) -> Job:
     return job
 
 
-def plan_jobs(args, background=None) -> tuple[list[Job], list[str], int]:
-    """Inputs -> jobs with their output paths; returns (jobs, errors, skipped)."""
+def plan_jobs(args, background=None) -> tuple[list[Job], list[str], list[Job]]:
+    """Inputs -> jobs with their output paths; returns (jobs, errors, jobs skipped: outputs exist)."""
     sources, errors = list_sources(args)
-    jobs, taken, skipped = [], {}, 0
+    jobs, taken, skipped = [], {}, []
     inputs = {p.resolve() for p in sources}
     for source in sources:
         try:
@@ -147,7 +147,7 @@ def plan_jobs(args, background=None) -> tuple[list[Job], list[str], int]:
             errors.append(f"{source}: {problem}")
             continue
         if not args.overwrite and all(p.exists() for p in job.outputs.values()):
-            skipped += 1
+            skipped.append(job)
             continue
         taken.update({p.resolve(): source for p in job.outputs.values()})
         jobs.append(job)
@@ -190,6 +190,8 @@ def remove_here(args, manifest) -> int:
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
         record(manifest, message.split(": ", 1)[0], error=message.split(": ", 1)[-1])
+    for job in skipped:
+        record(manifest, job.source, job.outputs, skipped=True)
     written = 0
     if jobs:
         try:
@@ -212,18 +214,19 @@ def remove_here(args, manifest) -> int:
                 errors.append(f"{job.source}: {exc}")
                 print(f"error: {errors[-1]}", file=sys.stderr)
                 record(manifest, job.source, model=pipeline.model_name, error=str(exc))
-    summary = f"{written} written, {len(errors)} failed, {skipped} skipped"
+    summary = f"{written} written, {len(errors)} failed, {len(skipped)} skipped"
     if skipped:
         summary += " (outputs exist; --overwrite replaces them)"
     print(summary, file=sys.stderr)
     return 1 if errors else 0
 
 
-def record(manifest, source, outputs=None, model=None, width=None, height=None, seconds=0.0, error=None) -> None:
+def record(manifest, source, outputs=None, model=None, width=None, height=None, seconds=0.0, error=None,
+           skipped=False) -> None:
     """One manifest line (when --manifest was given)."""
     if manifest is not None:
         manifest.write(ManifestRecord(str(source), [str(p) for p in (outputs or {}).values()], model, width, height,
-                                      seconds, error))
+                                      seconds, error, skipped))
 
 
 def process_video(pipeline, job: Job, background, args) -> None:

@@ -3,6 +3,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,21 @@ def test_size_is_checked_and_said(photos, tmp_path):
     assert run.returncode == 2 and "this onnxruntime model runs at 320x320 only, not 512x384" in run.stderr
     run = rmbg("remove", photos / "chelsea.jpg", "-o", tmp_path / "c", "--model", "u2netp", "-q")
     assert run.returncode == 0 and "[u2netp] at 320x320" in run.stderr
+
+
+def test_manifest_has_a_line_per_input_on_the_plain_path(photos, tmp_path):
+    import json
+
+    (photos / "broken.jpg").write_bytes(b"x")
+    manifest = tmp_path / "run.jsonl"
+    args = [photos / "chelsea.jpg", photos / "broken.jpg", "-o", tmp_path / "out", "--model", "u2netp", "-q",
+            "--manifest", manifest]
+    assert rmbg("remove", *args).returncode == 1
+    assert rmbg("remove", *args).returncode == 1  # again: chelsea is kept, its line says skipped
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [(Path(r["input"]).name, r["skipped"], r["error"] is None) for r in lines] == [
+        ("chelsea.jpg", False, True), ("broken.jpg", False, False),  # the first run
+        ("chelsea.jpg", True, True), ("broken.jpg", False, False)]  # the second: the good one kept
+    first = lines[0]
+    assert first["model"] == "u2netp" and (first["width"], first["height"]) == (451, 300)
+    assert first["outputs"] == [str(tmp_path / "out" / "chelsea.png")] and "not an image" in lines[1]["error"]

@@ -211,8 +211,9 @@ class OnnxEngine:
     def describe(self) -> str:
         import onnxruntime as ort
 
-        what = f"{self.model_name} ({self.path.name}" if self.model_name else f"{self.path.name} ("
-        text = f"{what}, {self.dtype}) on onnxruntime {ort.__version__} {self.providers[0]}"
+        what = f"{self.model_name} ({self.path.name}, {self.dtype})" if self.model_name else \
+            f"{self.path.name} ({self.dtype})"
+        text = f"{what} on onnxruntime {ort.__version__} {self.providers[0]}"
         if self.fallback:
             text += " -- WARNING: CUDA was asked for but ONNX Runtime runs on the CPU: " + self._fallback_reason()
         return text
