@@ -47,6 +47,9 @@ class OnnxEngine:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         array = batch.detach().float().cpu().numpy()
         step = self.fixed_batch or len(array)  # graphs exported with a fixed batch of 1 run image by image
-        outputs = [self.session.run(None, {self.input_name: array[i:i + step]})[self.output_index]
-                   for i in range(0, len(array), step)]
+        try:
+            outputs = [self.session.run(None, {self.input_name: array[i:i + step]})[self.output_index]
+                       for i in range(0, len(array), step)]
+        except Exception as exc:  # onnxruntime's own types, not RuntimeError: a failed batch, as an engine says it
+            raise RuntimeError(f"onnxruntime could not run {self.path.name}: {exc}") from exc
         return activate(torch.from_numpy(np.concatenate(outputs)), self.activation)
