@@ -251,12 +251,19 @@ class Handlers:
                 f"{result.image.width}x{result.image.height}, {time.perf_counter() - started:.2f} s")
         return (out, result.image), str(image_path), str(mask_path), result.mask, info
 
-    def image(self, path, *settings):
+    # The settings are named, with their defaults, rather than taken as *settings: Gradio's API
+    # marks a parameter optional only when the handler's own argument has a default, and
+    # BRIA's Space is called with the image (or URL) alone.
+    def image(self, path, model=None, background="transparent", colour="#ffffff", background_image=None,
+              refine=False, fmt="png"):
         if not path:
             raise gr.Error("upload, paste or drop an image first")
-        return self.single(path, safe_stem(Path(path).name), Settings(*settings))
+        settings = Settings(model, background, colour, background_image, refine, fmt)
+        return self.single(path, safe_stem(Path(path).name), settings)
 
-    def text(self, url, *settings):
+    def text(self, url, model=None, background="transparent", colour="#ffffff", background_image=None,
+             refine=False, fmt="png"):
+        settings = Settings(model, background, colour, background_image, refine, fmt)
         url = (url or "").strip()
         if not url:
             raise gr.Error("paste an image URL first")
@@ -265,12 +272,13 @@ class Handlers:
         except fetch.URLFetchError as exc:
             raise gr.Error(str(exc)) from exc
         stem = safe_stem(url.rstrip("/").rsplit("/", 1)[-1].split("?")[0])
-        return self.single(data, stem, Settings(*settings))
+        return self.single(data, stem, settings)
 
-    def batch(self, files, *settings):
+    def batch(self, files, model=None, background="transparent", colour="#ffffff", background_image=None,
+              refine=False, fmt="png"):
         if not files:
             raise gr.Error("add one or more images first")
-        settings = Settings(*settings)
+        settings = Settings(model, background, colour, background_image, refine, fmt)
         background = settings.background_value()
         pipeline = self.models.get(settings.model)
         folder, gallery, errors, outputs, stems = self.folders.new(), [], [], [], set()
