@@ -107,6 +107,26 @@ def hub_cache_with(cache: Path, repo: str, files: dict[str, Path]) -> Path:
     return cache
 
 
+# A model registered by a plug-in: BiRefNet lite at 256x256 (the registered birefnet-lite runs at
+# 1024x1024: a minute of CPU per image here), weights from --weights or LITE_256_WEIGHTS.
+LITE_256_PLUGIN = """
+from rmbg_demo.models import ModelSpec, register
+from rmbg_demo.models.birefnet import BIREFNET_LITE_CONFIG, BiRefNet, checkpoint_filter
+
+register(ModelSpec(name="lite-256", title="BiRefNet lite at 256", licence="MIT", licence_url="https://example.org",
+                   input_size=(256, 256), builder=lambda: BiRefNet(BIREFNET_LITE_CONFIG),
+                   checkpoint_filter=checkpoint_filter, env_weights="LITE_256_WEIGHTS"))
+"""
+
+
+def run_with_lite_256(folder: Path, *args, env=None) -> subprocess.CompletedProcess:
+    """`rmbg ARGS` in a hermetic subprocess where the plug-in model `lite-256` is registered."""
+    (folder / "lite256.py").write_text(LITE_256_PLUGIN)
+    code = f"import sys, lite256\nfrom rmbg_demo.cli import main\nsys.exit(main({[str(a) for a in args]!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=hermetic_env(PYTHONPATH=f"{folder}:{ROOT}", **(env or {})))
+
+
 class CountingHub:
     """A stand-in for the Hugging Face hub on 127.0.0.1 that answers 404 and counts requests:
     an app pointed at it (HF_ENDPOINT) that asks the hub anything shows up in `requests`; one
