@@ -106,6 +106,19 @@ def test_bfloat16_masks_stay_within_2_of_float32(lite_fixture_model):
     assert np.abs(masks["bfloat16"] - masks["float32"]).max() <= 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_auto_is_float16_within_2_of_float32(lite_fixture_model):
+    import copy
+
+    masks = {}
+    for dtype in ("float32", "auto"):
+        pipeline = RemovalPipeline("birefnet-lite", network=copy.deepcopy(lite_fixture_model), device="cuda",
+                                   dtype=dtype, input_size=(256, 256))
+        masks[dtype] = np.asarray(pipeline(ASSETS / "coffee.jpg").mask, dtype=int)
+    assert pipeline.engine.dtype == torch.float16
+    assert np.abs(masks["auto"] - masks["float32"]).max() <= 2
+
+
 def iou(mask: Image.Image, truth: np.ndarray) -> float:
     predicted = np.asarray(mask) >= 128
     return float((predicted & truth).sum() / (predicted | truth).sum())
