@@ -99,17 +99,25 @@ def test_a_failing_shared_batch_fails_every_caller_in_it_and_the_batcher_goes_on
     sizes, started = gated(pipeline.batcher, waiting_for=3)
     broken = torch.zeros(1, 5, *SIZE)  # five colour channels: the first convolution refuses
 
-    def call(batch):
-        try:
-            return pipeline.batcher(batch)
-        except RuntimeError as exc:
-            return exc
+    answers = {}
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = [pool.submit(call, pipeline.preprocess(photos[0]))]
-        assert started.wait(60), "the first request never reached the network"
-        futures += [pool.submit(call, broken) for _ in range(3)]
-        answers = [future.result(timeout=300) for future in futures]  # a caller left waiting fails here
+    def call(index, batch):
+        try:
+            answers[index] = pipeline.batcher(batch)
+        except RuntimeError as exc:
+            answers[index] = exc
+
+    # Daemon threads: a caller left waiting for ever must fail this test, not hang the run.
+    callers = [threading.Thread(target=call, args=(0, pipeline.preprocess(photos[0])), daemon=True)]
+    callers[0].start()
+    assert started.wait(60), "the first request never reached the network"
+    callers += [threading.Thread(target=call, args=(i, broken), daemon=True) for i in (1, 2, 3)]
+    for caller in callers[1:]:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=300)
+    assert sorted(answers) == [0, 1, 2, 3], f"callers left without an answer: {answers}"
+    answers = [answers[i] for i in range(4)]
     assert sizes == [1, 3]  # the three broken inputs shared one batch
     assert isinstance(answers[0], torch.Tensor) and answers[0].shape == (1, 1, *SIZE)
     assert all(isinstance(answer, RuntimeError) and "channels" in str(answer) for answer in answers[1:]), answers
