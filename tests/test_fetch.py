@@ -174,7 +174,7 @@ def test_each_redirect_hop_is_checked(port, monkeypatch, target, host, refusal):
 
     def first_hop_public(host_, port_, allow_private):
         calls.append(host_)
-        return real(host_, port_, allow_private=len(calls) == 1)
+        return real(host_, port_, allow_private=allow_private or len(calls) == 1)  # the fetcher's own flag counts
 
     monkeypatch.setattr(fetch, "resolve_checked", first_hop_public)
     with pytest.raises(URLFetchError) as error:
