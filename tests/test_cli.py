@@ -162,6 +162,15 @@ def test_weights_file_and_compile(photos, tmp_path, lite_weights_file, lite_fixt
         assert expected.std() > 4 and np.abs(written - expected).max() <= 1, name
 
 
+def test_a_device_that_cannot_be_used_is_a_clear_error(photos, tmp_path, lite_weights_file):
+    # The weights file loads; moving the network to a device that is not there fails before any image.
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", tmp_path / "out", "--model", "birefnet-lite", "--weights",
+               lite_weights_file, "--device", "cuda:99")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error: ") and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def four_channel_onnx(path):
     """An ONNX graph that loads but takes 4-channel input: every run on an RGB batch fails."""
     import onnx
