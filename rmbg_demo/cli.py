@@ -197,7 +197,7 @@ def remove_here(args, manifest) -> int:
         try:
             pipeline = RemovalPipeline(args.model, args.weights, args.device, args.dtype, batch_size=args.batch_size,
                                        max_pixels=args.max_pixels, compile=args.compile, input_size=args.size)
-        except (WeightsError, ValueError) as exc:
+        except (WeightsError, ValueError, RuntimeError) as exc:  # RuntimeError: a device torch cannot use
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"model: {pipeline.describe()}", file=sys.stderr)

@@ -272,8 +272,9 @@ class Handlers:
                 f"{result.image.width}x{result.image.height}, {time.perf_counter() - started:.2f} s")
         return (out, result.image), str(image_path), str(mask_path), result.mask, info
 
-    # The API's parameters (gradio_client scripts pass them by position or name, with defaults):
-    # the image or URL, then the settings in `Settings`' order.
+    # The settings are named, with their defaults, rather than taken as *settings: Gradio's API
+    # marks a parameter optional only when the handler's own argument has a default, and
+    # BRIA's Space is called with the image (or URL) alone.
     def image(self, path, model=None, background="transparent", colour="#ffffff", background_image=None,
               refine=False, fmt="png", resolution="auto"):
         if not path:
@@ -291,7 +292,8 @@ class Handlers:
         except fetch.URLFetchError as exc:
             raise gr.Error(str(exc)) from exc
         stem = safe_stem(url.rstrip("/").rsplit("/", 1)[-1].split("?")[0])
-        return self.single(data, stem, Settings(model, background, colour, background_image, refine, fmt, resolution))
+        settings = Settings(model, background, colour, background_image, refine, fmt, resolution)
+        return self.single(data, stem, settings)
 
     def batch(self, files, model=None, background="transparent", colour="#ffffff", background_image=None,
               refine=False, fmt="png", resolution="auto"):

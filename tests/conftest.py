@@ -1,6 +1,19 @@
 import pytest
 import torch
-from helpers import AppServer, ImageServer, fixture_model
+from helpers import LEAKY_VARIABLES, AppServer, ImageServer, fixture_model, hermetic_env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_process():
+    """In-process tests, too, see none of the developer's weights, tokens or hub settings: an
+    empty Hugging Face cache and home of their own, and a closed hub address."""
+    environment = hermetic_env()
+    with pytest.MonkeyPatch.context() as patch:
+        for name in LEAKY_VARIABLES:
+            patch.delenv(name, raising=False)
+        for name in ("HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_DISABLE_TELEMETRY"):
+            patch.setenv(name, environment[name])
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -12,6 +25,16 @@ def rmbg2_fixture_model() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def lite_fixture_model() -> torch.nn.Module:
     return fixture_model("birefnet-lite")
+
+
+@pytest.fixture(scope="session")
+def lite_weights_file(lite_fixture_model, tmp_path_factory):
+    """BiRefNet lite's fixture weights as a real checkpoint file, as `--weights FILE` takes it."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "birefnet-lite.safetensors"
+    save_file({k: v.clone() for k, v in lite_fixture_model.state_dict().items()}, str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

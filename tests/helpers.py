@@ -79,25 +79,63 @@ def hermetic_env(**extra: str) -> dict[str, str]:
     empty Hugging Face cache of its own; `extra` on top. Offline is not set: tests run the app
     as a user starts it."""
     env = {k: v for k, v in os.environ.items() if k not in LEAKY_VARIABLES}
-    env.update({"HF_HUB_CACHE": tempfile.mkdtemp(prefix="hf-cache-"), "GRADIO_ANALYTICS_ENABLED": "False",
-                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_ENDPOINT": CLOSED_HUB})
+    # HF_HOME too: huggingface_hub reads a stored token from $HF_HOME/token (~/.cache/huggingface).
+    env.update({"HF_HOME": tempfile.mkdtemp(prefix="hf-home-"), "HF_HUB_CACHE": tempfile.mkdtemp(prefix="hf-cache-"),
+                "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_ENDPOINT": CLOSED_HUB})
     env.update(extra)
     return env
 
 
 def free_port() -> int:
+    """A port free now; another process may take it before it is bound again (AppServer retries)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def hub_cache_with(cache: Path, repo: str, files: dict[str, Path]) -> Path:
+    """The layout huggingface_hub writes for `repo` (refs/main -> snapshots/<commit>/<file>),
+    holding `files` (name in the repo -> a local file, linked): a model 'already downloaded'."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, path in files.items():
+        os.symlink(path, snapshot / name)
+    return cache
+
+
+# A model registered by a plug-in: BiRefNet lite at 256x256 (the registered birefnet-lite runs at
+# 1024x1024: a minute of CPU per image here), weights from --weights or LITE_256_WEIGHTS.
+LITE_256_PLUGIN = """
+from rmbg_demo.models import ModelSpec, register
+from rmbg_demo.models.birefnet import BIREFNET_LITE_CONFIG, BiRefNet, checkpoint_filter
+
+register(ModelSpec(name="lite-256", title="BiRefNet lite at 256", licence="MIT", licence_url="https://example.org",
+                   input_size=(256, 256), builder=lambda: BiRefNet(BIREFNET_LITE_CONFIG),
+                   checkpoint_filter=checkpoint_filter, env_weights="LITE_256_WEIGHTS"))
+"""
+
+
+def run_with_lite_256(folder: Path, *args, env=None) -> subprocess.CompletedProcess:
+    """`rmbg ARGS` in a hermetic subprocess where the plug-in model `lite-256` is registered."""
+    (folder / "lite256.py").write_text(LITE_256_PLUGIN)
+    code = f"import sys, lite256\nfrom rmbg_demo.cli import main\nsys.exit(main({[str(a) for a in args]!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=hermetic_env(PYTHONPATH=f"{folder}:{ROOT}", **(env or {})))
+
+
 class CountingHub:
     """A stand-in for the Hugging Face hub on 127.0.0.1 that answers 404 and counts requests:
-    an app pointed at it (HF_ENDPOINT) that asks the hub anything shows up in `requests`."""
+    an app pointed at it (HF_ENDPOINT) that asks the hub anything shows up in `requests`; one
+    that merely connects (a reachability probe) shows up in `connections`."""
 
     def __init__(self):
         hub = self
         self.requests: list[str] = []
+        self.connections = 0
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
@@ -111,7 +149,12 @@ class CountingHub:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def verify_request(self, request, client_address):
+                hub.connections += 1
+                return True
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
@@ -121,11 +164,11 @@ class CountingHub:
 
 class AppServer:
     """`python app.py` in a subprocess, as a user starts it: no HF_HUB_OFFLINE, no weights, no
-    token, an empty Hugging Face cache, and `hub_url` (default: a closed port, no network) as the hub."""
+    token, an empty Hugging Face cache, and `hub_url` (default: the closed CLOSED_HUB, no network) as the hub."""
 
     def __init__(self, *args, env=None, hub_url: str | None = None, script: Path | None = None):
         self.args, self.extra_env, self.script = args, env or {}, script or ROOT / "app.py"
-        self.hub_url = hub_url or f"http://127.0.0.1:{free_port()}"
+        self.hub_url = hub_url or CLOSED_HUB
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         self.gradio_tmp = tempfile.mkdtemp(prefix="gradio-test-")
         self.start()

@@ -7,6 +7,8 @@ from gradio_client import Client, handle_file
 from helpers import ASSETS, AppServer, CountingHub
 from PIL import Image
 
+from rmbg_demo.compose import estimate_foreground, replace_background
+
 
 @pytest.fixture(scope="module")
 def client(app_server):
@@ -64,6 +66,49 @@ def test_batch_endpoint_returns_a_zip_of_cutouts_and_masks(client):
     with zipfile.ZipFile(archive) as z:
         assert sorted(z.namelist()) == ["chelsea-mask.png", "chelsea-nobg.png", "rocket-mask.png", "rocket-nobg.png"]
     assert "2 done, 0 failed" in info
+
+
+def test_batch_tab_with_a_background_image_refinement_and_webp(client, tmp_path):
+    backdrop = tmp_path / "backdrop.png"
+    Image.new("RGB", (40, 30), (20, 40, 220)).save(backdrop)
+    files = [handle_file(str(ASSETS / n)) for n in ("chelsea.jpg", "coffee.jpg")]
+    gallery, archive, info = client.predict(files, "u2netp", "image", "#ffffff", handle_file(str(backdrop)), True,
+                                            "webp", api_name="/batch")
+    assert "2 done, 0 failed" in info and len(gallery) == 2
+    with zipfile.ZipFile(archive) as z:
+        assert sorted(z.namelist()) == ["chelsea-mask.webp", "chelsea-nobg.webp", "coffee-mask.webp",
+                                        "coffee-nobg.webp"]
+        for stem in ("chelsea", "coffee"):
+            out = Image.open(z.open(f"{stem}-nobg.webp"))
+            mask = Image.open(z.open(f"{stem}-mask.webp")).convert("L")
+            assert out.format == "WEBP" and out.mode == "RGB"
+            original = Image.open(ASSETS / f"{stem}.jpg").convert("RGB")
+            backdrop_image = Image.open(backdrop)
+            refined = np.asarray(replace_background(estimate_foreground(original, mask), mask, backdrop_image))
+            plain = np.asarray(replace_background(original, mask, backdrop_image))
+            assert np.array_equal(np.asarray(out), refined), stem  # the backdrop, and refined colours
+            assert not np.array_equal(refined, plain)
+            assert (np.asarray(out)[np.asarray(mask) == 0] == [20, 40, 220]).all()
+
+
+def test_batch_tab_with_a_background_colour(client):
+    gallery, archive, info = client.predict([handle_file(str(ASSETS / "rocket.jpg"))], "u2netp", "colour", "#00ff00",
+                                            None, False, "png", api_name="/batch")
+    assert "1 done, 0 failed" in info
+    with zipfile.ZipFile(archive) as z:
+        out = np.asarray(Image.open(z.open("rocket-nobg.png")))
+        mask = np.asarray(Image.open(z.open("rocket-mask.png")))
+    assert out.shape == mask.shape + (3,) and (mask == 0).any()
+    assert (out[mask == 0] == [0, 255, 0]).all()
+
+
+def test_compare_endpoint_refuses_one_model_and_a_bad_image(client, tmp_path):
+    with pytest.raises(Exception, match=r"choose at least two models to compare \(registered: u2netp, rmbg-2.0"):
+        client.predict(handle_file(str(ASSETS / "chelsea.jpg")), ["u2netp"], api_name="/compare")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"<!doctype html><html>hello</html>")
+    with pytest.raises(Exception, match="not an image"):
+        client.predict(handle_file(str(bad)), ["u2netp", "birefnet-lite"], api_name="/compare")
 
 
 def test_batch_keeps_every_file_when_two_share_a_name(client, tmp_path):

@@ -92,6 +92,39 @@ def test_a_network_failure_reaches_its_callers_and_the_batcher_goes_on(lite_fixt
     assert np.abs(np.asarray(pipeline(photos[0]).mask, dtype=int) - one_by_one[0]).max() <= 1
 
 
+def test_a_failing_shared_batch_fails_every_caller_in_it_and_the_batcher_goes_on(lite_fixture_model, photos,
+                                                                                 one_by_one):
+    pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
+                               input_size=SIZE, batch_requests=4)
+    sizes, started = gated(pipeline.batcher, waiting_for=3)
+    broken = torch.zeros(1, 5, *SIZE)  # five colour channels: the first convolution refuses
+
+    answers = {}
+
+    def call(index, batch):
+        try:
+            answers[index] = pipeline.batcher(batch)
+        except RuntimeError as exc:
+            answers[index] = exc
+
+    # Daemon threads: a caller left waiting for ever must fail this test, not hang the run.
+    callers = [threading.Thread(target=call, args=(0, pipeline.preprocess(photos[0])), daemon=True)]
+    callers[0].start()
+    assert started.wait(60), "the first request never reached the network"
+    callers += [threading.Thread(target=call, args=(i, broken), daemon=True) for i in (1, 2, 3)]
+    for caller in callers[1:]:
+        caller.start()
+    deadline = time.monotonic() + 300
+    for caller in callers:
+        caller.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert sorted(answers) == [0, 1, 2, 3], f"callers left without an answer: {answers}"
+    answers = [answers[i] for i in range(4)]
+    assert sizes == [1, 3]  # the three broken inputs shared one batch
+    assert isinstance(answers[0], torch.Tensor) and answers[0].shape == (1, 1, *SIZE)
+    assert all(isinstance(answer, RuntimeError) and "channels" in str(answer) for answer in answers[1:]), answers
+    assert np.abs(np.asarray(pipeline(photos[1]).mask, dtype=int) - one_by_one[1]).max() <= 1
+
+
 def test_compiled_batch_sizes_cover_every_batch_up_to_the_largest():
     assert compiled_batch_sizes(1) == (1,)
     assert compiled_batch_sizes(8) == (1, 2, 4, 8)
@@ -101,19 +134,20 @@ def test_compiled_batch_sizes_cover_every_batch_up_to_the_largest():
 def test_compiled_network_is_warmed_up_at_start_and_never_recompiles_for_a_request(lite_fixture_model, photos,
                                                                                     one_by_one):
     # The "eager" backend runs dynamo's capture (what decides recompiles) without inductor's
-    # C++ code generation, which takes minutes per graph on a 2-core CPU.
+    # C++ code generation, which takes minutes per graph on a 2-core CPU. A batch of 3 is
+    # zero-padded to 4, a size compiled at start: without the padding it would recompile.
     torch._dynamo.reset()
     try:
         pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
-                                   input_size=SIZE, batch_size=3, compile="eager")
-        assert pipeline.engine.compiled_batch_sizes == (1, 2, 3)
+                                   input_size=SIZE, batch_size=4, compile="eager")
+        assert pipeline.engine.compiled_batch_sizes == (1, 2, 4)
         assert "compiled" in pipeline.describe()
         with torch.compiler.set_stance("fail_on_recompile"):
-            singles = [np.asarray(pipeline(photo).mask, dtype=int) for photo in photos[:2]]
-            batched = [np.asarray(r.mask, dtype=int) for r in pipeline.process(photos)]  # batches of 3, then 1
+            single = np.asarray(pipeline(photos[3]).mask, dtype=int)
+            padded = [np.asarray(r.mask, dtype=int) for r in pipeline.process(photos[:3])]  # one batch of 3
     finally:
         torch._dynamo.reset()
-    for mask, alone in zip(singles + batched, one_by_one[:2] + one_by_one):
+    for mask, alone in zip([single, *padded], [one_by_one[3], *one_by_one[:3]]):
         assert np.abs(mask - alone).max() <= 1
 
 

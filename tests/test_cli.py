@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ASSETS, hermetic_env
+from helpers import ASSETS, hermetic_env, run_with_lite_256
 from PIL import Image
+
+from rmbg_demo.compose import cutout, refine_cutout, replace_background
 
 PHOTOS = ["chelsea.jpg", "coffee.jpg", "astronaut.jpg"]
 
@@ -97,16 +99,102 @@ def test_folders_recursion_and_globs(photos, tmp_path):
 
 def test_webp_background_and_refine(photos, tmp_path):
     out = tmp_path / "out"
-    run = rmbg("remove", photos / "chelsea.jpg", "-o", out, "--model", "u2netp", "--format", "webp", "--refine")
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", out, "--model", "u2netp", "--format", "webp", "--refine",
+               "--mask")
     assert run.returncode == 0, run.stderr
     webp = Image.open(out / "chelsea.webp")
     assert webp.format == "WEBP" and webp.mode == "RGBA" and webp.size == (451, 300)
+    # --refine re-estimates colours at soft edges: the output is the refined cut-out of the
+    # written mask, not the plain one (lossless WebP; colours under alpha 0 are not kept).
+    original = Image.open(ASSETS / "chelsea.jpg").convert("RGB")
+    mask = Image.open(out / "chelsea_mask.webp").convert("L")
+    got = np.asarray(webp, dtype=int)
+    refined, plain = (np.asarray(f(original, mask), dtype=int) for f in (refine_cutout, cutout))
+    seen = got[..., 3] > 0
+    assert np.array_equal(got[..., 3], np.asarray(mask))
+    assert np.array_equal(got[seen], refined[seen])
+    assert not np.array_equal(refined[seen], plain[seen])
     run = rmbg("remove", photos / "coffee.jpg", "-o", out, "--model", "u2netp", "--background", "red")
     assert run.returncode == 0, run.stderr
     red = Image.open(out / "coffee.png")
     assert red.mode == "RGB" and red.getpixel((0, 0)) == (255, 0, 0)
     bad = rmbg("remove", photos / "coffee.jpg", "-o", tmp_path / "x", "--model", "u2netp", "--background", "nocolour")
     assert bad.returncode != 0 and "nocolour" in bad.stderr
+
+
+def test_blur_and_image_backgrounds_and_max_pixels(photos, tmp_path):
+    original = Image.open(ASSETS / "chelsea.jpg").convert("RGB")
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", tmp_path / "blur", "--model", "u2netp", "--background", "blur",
+               "--mask")
+    assert run.returncode == 0, run.stderr
+    mask = Image.open(tmp_path / "blur" / "chelsea_mask.png")
+    blurred = Image.open(tmp_path / "blur" / "chelsea.png")
+    assert blurred.mode == "RGB"
+    assert np.array_equal(np.asarray(blurred), np.asarray(replace_background(original, mask, "blur")))
+    assert not np.array_equal(np.asarray(blurred), np.asarray(original))
+    # An image file as the background; --max-pixels refuses the 512x512 astronaut (0.26 MP), not the cat (0.14 MP).
+    backdrop = tmp_path / "backdrop.png"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(backdrop)
+    run = rmbg("remove", photos / "chelsea.jpg", photos / "astronaut.jpg", "-o", tmp_path / "image", "--model",
+               "u2netp", "--background", backdrop, "--max-pixels", "200000", "--mask")
+    assert run.returncode == 1, run.stderr
+    assert "astronaut.jpg" in run.stderr and "over the 0.2 MP limit" in run.stderr
+    assert "1 written, 1 failed, 0 skipped" in run.stderr
+    assert not (tmp_path / "image" / "astronaut.png").exists()
+    composed = np.asarray(Image.open(tmp_path / "image" / "chelsea.png"))
+    mask = np.asarray(Image.open(tmp_path / "image" / "chelsea_mask.png"))
+    assert (mask == 0).any() and (composed[mask == 0] == [10, 200, 30]).all()
+    assert np.array_equal(composed[mask == 255], np.asarray(original)[mask == 255])
+
+
+def test_weights_file_and_compile(photos, tmp_path, lite_weights_file, lite_fixture_model):
+    run = run_with_lite_256(tmp_path, "remove", photos / "chelsea.jpg", photos / "coffee.jpg", "-o", tmp_path / "out",
+                             "--model", "lite-256", "--weights", lite_weights_file, "--compile", "eager",
+                             "--batch-size", "2", "--device", "cpu", "--dtype", "float32", "--mask", "-q")
+    assert run.returncode == 0, run.stderr
+    assert "[lite-256] at 256x256, torch on cpu (float32, compiled)" in run.stderr
+    from rmbg_demo.pipeline import RemovalPipeline
+
+    pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
+                               input_size=(256, 256))
+    for name in ("chelsea", "coffee"):  # the weights of the file, not anything else
+        expected = np.asarray(pipeline(photos / f"{name}.jpg").mask, dtype=int)
+        written = np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png"), dtype=int)
+        assert expected.std() > 4 and np.abs(written - expected).max() <= 1, name
+
+
+def test_a_device_that_cannot_be_used_is_a_clear_error(photos, tmp_path, lite_weights_file):
+    # The weights file loads; moving the network to a device that is not there fails before any image.
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", tmp_path / "out", "--model", "birefnet-lite", "--weights",
+               lite_weights_file, "--device", "cuda:99")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("error: ") and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def four_channel_onnx(path):
+    """An ONNX graph that loads but takes 4-channel input: every run on an RGB batch fails."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((1, 4, 1, 1), np.float32), "weight")
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "weight"], ["output"])], "four",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 4, "h", "w"])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 1, "h", "w"])],
+                              [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_an_inference_failure_is_reported_per_image(photos, tmp_path):
+    run = rmbg("remove", photos / "chelsea.jpg", photos / "coffee.jpg", "-o", tmp_path / "out", "--model", "u2netp",
+               "--weights", four_channel_onnx(tmp_path / "four.onnx"))
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        assert f"{name}: onnxruntime could not run four.onnx" in run.stderr
+    assert "0 written, 2 failed, 0 skipped" in run.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 def test_missing_rmbg2_weights_file_is_a_clear_error(photos, tmp_path):

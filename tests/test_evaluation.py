@@ -6,10 +6,16 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import ASSETS
-from PIL import Image
+from helpers import ASSETS, LITE_256_PLUGIN, hermetic_env, run_with_lite_256
+from PIL import Image, ImageDraw, ImageFont
 
-from rmbg_demo.evaluation import BUILTIN_BENCHMARK, compare_collage, image_metrics, match_pairs
+from rmbg_demo.evaluation import BUILTIN_BENCHMARK, checkerboard, compare_collage, image_metrics, match_pairs
+
+
+def rmbg(*args, timeout=300):
+    """`rmbg ARGS` as a user runs it, hermetic (no weights, token or hub of the developer's)."""
+    return subprocess.run([sys.executable, "-m", "rmbg_demo", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=hermetic_env())
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +95,7 @@ def test_eval_command_on_the_builtin_set(tmp_path):
         (images / path.name).write_bytes(path.read_bytes())
     (images / "stray.jpg").write_bytes((ASSETS / "coffee.jpg").read_bytes())
     table = tmp_path / "scores.csv"
-    run = subprocess.run([sys.executable, "-m", "rmbg_demo", "eval", str(images), str(BUILTIN_BENCHMARK / "masks"),
-                          "--model", "u2netp", "--csv", str(table)], capture_output=True, text=True, timeout=300)
+    run = rmbg("eval", images, BUILTIN_BENCHMARK / "masks", "--model", "u2netp", "--csv", table)
     assert run.returncode == 0, run.stderr
     assert "unmatched image (no mask with its name):" in run.stderr and "stray.jpg" in run.stderr
     lines = run.stdout.strip().splitlines()
@@ -113,9 +118,8 @@ def test_make_benchmark_is_reproducible_and_its_masks_are_true(tmp_path):
     foreground.putalpha(horse)
     foreground.save(fg / "horse.png")
     Image.open(ASSETS / "grass.jpg").save(bg / "grass.jpg")
-    run = lambda out, seed: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "rmbg_demo", "make-benchmark", str(fg), str(bg), "-o", str(out), "-n", "3",
-         "--seed", str(seed), "--size", "320x240"], capture_output=True, text=True, timeout=120)
+    run = lambda out, seed: rmbg("make-benchmark", fg, bg, "-o", out, "-n", "3", "--seed", seed,  # noqa: E731
+                                 "--size", "320x240")
     assert run(tmp_path / "a", 5).returncode == 0
     assert run(tmp_path / "b", 5).returncode == 0
     assert run(tmp_path / "c", 6).returncode == 0
@@ -129,19 +133,100 @@ def test_make_benchmark_is_reproducible_and_its_masks_are_true(tmp_path):
     assert np.abs(inside - [200, 30, 30]).mean() < 12  # the pasted red horse is where the mask says
 
 
-def test_compare_collage(tmp_path):
+def test_eval_with_two_models_unmatched_masks_and_a_bad_image(tmp_path, lite_weights_file):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for stem in ("0000", "0001"):
+        (images / f"{stem}.jpg").write_bytes((BUILTIN_BENCHMARK / "images" / f"{stem}.jpg").read_bytes())
+        (masks / f"{stem}.png").write_bytes((BUILTIN_BENCHMARK / "masks" / f"{stem}.png").read_bytes())
+    (images / "broken.jpg").write_bytes(b"<html>not a photo</html>")
+    (masks / "broken.png").write_bytes((BUILTIN_BENCHMARK / "masks" / "0000.png").read_bytes())
+    (masks / "lonely.png").write_bytes((BUILTIN_BENCHMARK / "masks" / "0001.png").read_bytes())
+    table = tmp_path / "scores.csv"
+    run = run_with_lite_256(tmp_path, "eval", images, masks, "--model", "u2netp", "--model", "lite-256", "--csv",
+                            table, env={"LITE_256_WEIGHTS": str(lite_weights_file)})
+    assert run.returncode == 1, run.stderr  # some images failed
+    assert "unmatched mask (no image with its name):" in run.stderr and "lonely.png" in run.stderr
+    for model in ("u2netp", "lite-256"):
+        assert f"broken.jpg ({model}): not an image" in run.stderr
+    table_rows = [line.split("|")[1].strip() for line in run.stdout.strip().splitlines()[2:]]
+    assert table_rows == ["u2netp", "lite-256"]
+    with open(table) as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((r["model"], r["image"]) for r in rows) == [
+        ("lite-256", "0000.jpg"), ("lite-256", "0001.jpg"), ("u2netp", "0000.jpg"), ("u2netp", "0001.jpg")]
+    scores = {r["model"]: float(r["iou"]) for r in rows if r["image"] == "0000.jpg"}
+    assert scores["u2netp"] != scores["lite-256"]  # two models, really run
+
+
+def test_eval_exit_codes_when_nothing_is_scored_and_for_bad_arguments(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    (images / "a.jpg").write_bytes((ASSETS / "chelsea.jpg").read_bytes())
+    (masks / "b.png").write_bytes((BUILTIN_BENCHMARK / "masks" / "0000.png").read_bytes())
+    nothing = rmbg("eval", images, masks, "--model", "u2netp")
+    assert nothing.returncode == 1, nothing.stderr  # no pair matched: nothing scored
+    assert "unmatched image (no mask with its name):" in nothing.stderr
+    missing = rmbg("eval", tmp_path / "absent", masks, "--model", "u2netp")
+    assert missing.returncode == 2 and "error:" in missing.stderr and "absent" in missing.stderr
+    unknown = rmbg("eval", images, masks, "--model", "nope")
+    assert unknown.returncode == 2 and "invalid choice: 'nope'" in unknown.stderr
+
+
+def test_compare_collage_shows_two_models_cutouts_on_a_checkerboard(tmp_path, lite_weights_file, lite_fixture_model):
     out = tmp_path / "collage.png"
-    run = subprocess.run([sys.executable, "-m", "rmbg_demo", "compare", str(ASSETS / "chelsea.jpg"),
-                          str(ASSETS / "coffee.jpg"), "--model", "u2netp", "--model", "u2netp", "-o", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    run = run_with_lite_256(tmp_path, "compare", ASSETS / "chelsea.jpg", "--model", "u2netp", "--model", "lite-256",
+                            "-o", out, "--device", "cpu", "--dtype", "float32",
+                            env={"LITE_256_WEIGHTS": str(lite_weights_file)})
     assert run.returncode == 0, run.stderr
-    collage = Image.open(out)
-    assert collage.size == (3 * 320, 28 + 2 * 320)
-    grid = np.asarray(collage.convert("RGB"), int)
-    corner = grid[28 + 5:28 + 40, 320 + 5:320 + 40]  # the first cut-out's background: checkerboard
-    assert set(np.unique(corner)) <= {200, 235, 255}
+    collage = np.asarray(Image.open(out).convert("RGB"), dtype=int)
+    assert collage.shape == (28 + 320, 3 * 320, 3)
+    # Each model's tile is its cut-out over the checkerboard: where its mask is 0, the
+    # checkerboard shows through. The expected tiles come from the same models in this process.
+    from rmbg_demo.pipeline import RemovalPipeline
+
+    photo = Image.open(ASSETS / "chelsea.jpg").convert("RGB")
+    pipelines = [RemovalPipeline("u2netp", device="cpu"),
+                 RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",
+                                 input_size=(256, 256))]
+    tiles = []
+    for column, pipeline in enumerate(pipelines, start=1):
+        cut = pipeline(photo).cutout()
+        cut.thumbnail((312, 312))
+        expected = checkerboard(cut.size)
+        expected.alpha_composite(cut)
+        left, top = column * 320 + (320 - cut.width) // 2, 28 + (320 - cut.height) // 2
+        tile = collage[top:top + cut.height, left:left + cut.width]
+        alpha = np.asarray(cut)[..., 3]
+        assert np.abs(tile - np.asarray(expected.convert("RGB"), dtype=int)).mean() < 1
+        assert np.abs(tile - np.asarray(cut.convert("RGB"), dtype=int)).mean() > 5  # not the opaque photo
+        if pipeline.model_name == "u2netp":  # (the fixture weights' masks are soft everywhere, never 0)
+            assert (alpha == 0).any()
+            assert np.isin(tile[alpha == 0], [200, 235]).all()  # the checkerboard, where the mask is 0
+        tiles.append(tile)
+    assert np.abs(tiles[0] - tiles[1]).mean() > 5  # two different models, two different cut-outs
 
 
-def test_collage_in_process_labels_each_column():
-    collage = compare_collage([ASSETS / "astronaut.jpg"], ["u2netp"], cell=200, device="cpu")
-    assert collage.size == (400, 228)
+@pytest.fixture
+def lite_256_registered(tmp_path, lite_weights_file, monkeypatch):
+    """The plug-in model `lite-256` registered in this process, its weights found through its variable."""
+    from rmbg_demo.models import unregister
+
+    monkeypatch.setenv("LITE_256_WEIGHTS", str(lite_weights_file))
+    exec(LITE_256_PLUGIN, {})
+    yield "lite-256"
+    unregister("lite-256")
+
+
+def test_collage_in_process_labels_each_column(lite_256_registered):
+    collage = compare_collage([ASSETS / "astronaut.jpg"], ["u2netp", lite_256_registered], cell=200, device="cpu",
+                              dtype="float32")
+    assert collage.size == (600, 228)
+    strips = np.asarray(collage.convert("RGB"))[:28]
+    font = ImageFont.load_default(size=18)
+    for column, title in enumerate(["input", "u2netp", "lite-256"]):
+        label = Image.new("RGB", (200, 28), "white")
+        ImageDraw.Draw(label).text((8, 4), title, fill="black", font=font)
+        assert np.array_equal(strips[:, column * 200:(column + 1) * 200], np.asarray(label)), title

@@ -82,11 +82,23 @@ def test_rmbg14_matches_published_side_outputs():
 
 
 def test_model_card_usage_works(rmbg2_fixture_model):
-    """The model card's `model(x)[-1].sigmoid()` gives a probability map of the input's size."""
+    """The model card's `model(x)[-1].sigmoid()` on our network gives the published network's
+    probabilities, and the pipeline's float32 probabilities are that same call."""
+    import numpy as np
+
+    from rmbg_demo.pipeline import RemovalPipeline
+
+    x = parity.deterministic_input(256, 256)
     with torch.no_grad():
-        mask = rmbg2_fixture_model(parity.deterministic_input(256, 256))[-1].sigmoid()
-    assert mask.shape == (1, 1, 256, 256)
-    assert 0 <= float(mask.min()) and float(mask.max()) <= 1
+        card = rmbg2_fixture_model(x)[-1].sigmoid()
+    assert card.shape == (1, 1, 256, 256)
+    published = torch.from_numpy(np.load(FIXTURES / "rmbg2" / "public_256.npz")["out3"]).sigmoid()
+    assert float(published.std()) > 0.02  # a map with structure, not a constant
+    assert float((card - published).abs().max()) < 1e-2 * float(published.std())
+    pipeline = RemovalPipeline("rmbg-2.0", network=rmbg2_fixture_model, device="cpu", dtype="float32",
+                               input_size=(256, 256))
+    ours = pipeline.engine(x)
+    assert ours.dtype == torch.float32 and torch.allclose(ours, card, atol=1e-5)
 
 
 def test_parity_detects_a_five_percent_change_in_the_last_swin_stage(rmbg2_fixture_model):

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import parity
 import pytest
 import torch
-from helpers import FIXTURES
+from helpers import FIXTURES, CountingHub, hermetic_env, hub_cache_with
 from safetensors.torch import save_file
 
 from rmbg_demo import WeightsError, load_model, resolve_weights, weights_available
@@ -24,9 +24,9 @@ def state(lite_fixture_model):
 
 
 @pytest.fixture(scope="module")
-def safetensors_file(state, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save_file(state, str(path))
+def safetensors_file(lite_weights_file, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"  # alone in its folder
+    os.symlink(lite_weights_file, path)
     return path
 
 
@@ -51,6 +51,35 @@ def test_loads_pth_with_a_ddp_prefix_and_without_derived_buffers(state, tmp_path
     path = tmp_path / "birefnet.pth"
     torch.save(kept, path)
     assert_same_weights(load_model(NAME, weights=path), {k[7:]: v for k, v in kept.items()})
+
+
+@pytest.mark.parametrize("suffix, wrapper, prefix", [(".bin", "state_dict", "_orig_mod."), (".pt", "model", "model.")])
+def test_loads_wrapped_prefixed_half_precision_checkpoints(state, tmp_path, suffix, wrapper, prefix):
+    # Trainers save {"state_dict": ...} (Lightning) or {"model": ...}, torch.compile adds
+    # "_orig_mod.", wrappers "model."; weights saved in float16 load as the network's float32.
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    path = tmp_path / f"checkpoint{suffix}"
+    torch.save({wrapper: {f"{prefix}{k}": v for k, v in half.items()}, "epoch": 3}, path)
+    model = load_model(NAME, weights=path)
+    assert model.decoder.conv_out1[0].weight.dtype == torch.float32
+    assert_same_weights(model, {k: v.to(state[k].dtype) for k, v in half.items()})
+
+
+def test_rmbg14_falls_back_to_pytorch_model_bin_in_the_hub_cache(tmp_path, monkeypatch):
+    # briaai/RMBG-1.4 published pytorch_model.bin before model.safetensors; a cache holding only
+    # the .bin must load, without asking the hub (HF_ENDPOINT is closed in tests).
+    from rmbg_demo import build_model
+
+    with torch.device("meta"):
+        meta = build_model("rmbg-1.4")
+    fixture = {k: v.half() for k, v in parity.deterministic_state_dict(meta).items()}  # half: a smaller file
+    torch.save(fixture, tmp_path / "pytorch_model.bin")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache_with(tmp_path / "hub", "briaai/RMBG-1.4",
+                                                          {"pytorch_model.bin": tmp_path / "pytorch_model.bin"})))
+    assert resolve_weights("rmbg-1.4").name == "pytorch_model.bin"
+    assert weights_available("rmbg-1.4")
+    model = load_model("rmbg-1.4")
+    assert_same_weights(model, {k: v.float() for k, v in fixture.items()})
 
 
 def test_loads_a_folder_and_casts_to_the_dtype_asked(safetensors_file, state):
@@ -119,17 +148,11 @@ def test_environment_variable_names_the_rmbg2_file(tmp_path, monkeypatch):
 
 
 def test_hub_cache_is_used_offline(safetensors_file, tmp_path, monkeypatch):
-    # The cache layout huggingface_hub writes: refs/main -> snapshots/<commit>/<file>.
-    repo = tmp_path / "hub" / "models--ZhengPeng7--BiRefNet_lite"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    os.symlink(safetensors_file, snapshot / "model.safetensors")
+    hub_cache_with(tmp_path / "hub", "ZhengPeng7/BiRefNet_lite", {"model.safetensors": safetensors_file})
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert resolve_weights(NAME) == snapshot / "model.safetensors"
+    assert resolve_weights(NAME).name == "model.safetensors"
+    assert resolve_weights(NAME).resolve() == safetensors_file.resolve()
     assert weights_available(NAME)
     assert not weights_available("rmbg-2.0")
     with pytest.raises(WeightsError, match=r"not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download "
@@ -155,9 +178,8 @@ class GatedHub(BaseHTTPRequestHandler):
 
 def load_in_subprocess(endpoint, tmp_path):
     # huggingface_hub reads HF_ENDPOINT when imported, hence a fresh interpreter.
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(tmp_path), "HF_TOKEN": "hf_test",
-           "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "3", "HF_HUB_DOWNLOAD_TIMEOUT": "3"}
-    env.pop("RMBG_WEIGHTS", None)
+    env = hermetic_env(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(tmp_path), HF_TOKEN="hf_test", HF_HUB_OFFLINE="0",
+                       HF_HUB_ETAG_TIMEOUT="3", HF_HUB_DOWNLOAD_TIMEOUT="3")
     code = "from rmbg_demo import load_model\ntry:\n load_model('rmbg-2.0')\nexcept Exception as e:\n print(e)"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
 
@@ -191,3 +213,25 @@ class socket_closed_port:
 
     def __exit__(self, *exc):
         self.sock.close()
+
+
+def test_deciding_what_is_available_never_asks_the_hub(safetensors_file, tmp_path):
+    """`weights_available` and `rmbg models` decide from local files only: a hub stand-in that
+    counts every connection sees none, whether the weights are cached (birefnet-lite) or not."""
+    hub = CountingHub()
+    cache = hub_cache_with(tmp_path / "hub", "ZhengPeng7/BiRefNet_lite", {"model.safetensors": safetensors_file})
+    code = ("from rmbg_demo.models import model_names\nfrom rmbg_demo.weights import weights_available\n"
+            "print({name: weights_available(name) for name in model_names()})\n"
+            "from rmbg_demo.cli import main\nmain(['models'])")
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env=hermetic_env(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache)))
+    finally:
+        hub.stop()
+    assert run.returncode == 0, run.stderr
+    available, *listing = run.stdout.splitlines()
+    assert available == ("{'rmbg-2.0': False, 'birefnet-general': False, 'birefnet-lite': True, 'rmbg-1.4': False, "
+                         "'u2netp': True}")
+    lines = {line.split()[0]: line for line in listing}
+    assert lines["birefnet-lite"].endswith("| available") and "downloads on first use" in lines["rmbg-1.4"]
+    assert hub.connections == 0 and hub.requests == []

@@ -198,8 +198,11 @@ class OnnxEngine:
                                  f"got {batch.shape[-1]}x{batch.shape[-2]}")
         array = batch.detach().to("cpu", torch.float32).numpy().astype(self.input_dtype, copy=False)
         step = self.fixed_batch or len(array)  # a file with a fixed batch of 1 runs one image at a time
-        raw = np.concatenate([self.session.run([self.output_name], {self.input_name: array[i:i + step]})[0]
-                              for i in range(0, len(array), step)])
+        try:
+            raw = np.concatenate([self.session.run([self.output_name], {self.input_name: array[i:i + step]})[0]
+                                  for i in range(0, len(array), step)])
+        except Exception as exc:  # onnxruntime's own types, not RuntimeError: a failed batch, as engines report it
+            raise RuntimeError(f"onnxruntime could not run {self.path.name}: {exc}") from exc
         raw = torch.from_numpy(raw.astype(np.float32, copy=False))
         if raw.ndim == 3:
             raw = raw[:, None]

@@ -103,11 +103,13 @@ class TorchEngine:
                  "/".join(map(str, self.compiled_batch_sizes)), self.compile_seconds)
 
     def padded(self, batch: torch.Tensor) -> torch.Tensor:
-        """A compiled network's input zero-padded to the next batch size it was warmed up for."""
+        """A compiled network's input zero-padded to the next batch size it was warmed up for.
+        Always a new tensor made here, in inference mode: dynamo guards on that, so a padded
+        batch must be the same kind of tensor as the warm-up's unpadded ones, or it recompiles."""
         size = next((s for s in self.compiled_batch_sizes if s >= len(batch)), len(batch))
-        if size == len(batch):
-            return batch
-        return torch.cat([batch, batch.new_zeros(size - len(batch), *batch.shape[1:])])
+        out = batch.new_zeros(size, *batch.shape[1:])
+        out[:len(batch)] = batch
+        return out
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
