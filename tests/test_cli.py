@@ -172,27 +172,30 @@ def test_a_device_that_cannot_be_used_is_a_clear_error(photos, tmp_path, lite_we
     assert not (tmp_path / "out").exists()
 
 
-def four_channel_onnx(path):
-    """An ONNX graph that loads but takes 4-channel input: every run on an RGB batch fails."""
+def failing_onnx(path):
+    """An ONNX graph that loads (an RGB image in, one map out) but fails on every run: it reshapes
+    the whole picture into 100x100, which only a 100x100 picture fits."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = numpy_helper.from_array(np.ones((1, 4, 1, 1), np.float32), "weight")
-    graph = helper.make_graph([helper.make_node("Conv", ["input", "weight"], ["output"])], "four",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 4, "h", "w"])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 1, "h", "w"])],
-                              [weight])
+    shape = numpy_helper.from_array(np.array([-1, 1, 100, 100], np.int64), "shape")
+    nodes = [helper.make_node("ReduceMean", ["input"], ["grey"], axes=[1], keepdims=1),
+             helper.make_node("Reshape", ["grey", "shape"], ["output"])]
+    graph = helper.make_graph(nodes, "failing",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 1, 100, 100])],
+                              [shape])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     return path
 
 
 def test_an_inference_failure_is_reported_per_image(photos, tmp_path):
     run = rmbg("remove", photos / "chelsea.jpg", photos / "coffee.jpg", "-o", tmp_path / "out", "--model", "u2netp",
-               "--weights", four_channel_onnx(tmp_path / "four.onnx"))
+               "--weights", failing_onnx(tmp_path / "failing.onnx"))
     assert run.returncode == 1, run.stderr
     assert "Traceback" not in run.stderr
     for name in ("chelsea.jpg", "coffee.jpg"):
-        assert f"{name}: onnxruntime could not run four.onnx" in run.stderr
+        assert f"{name}: onnxruntime could not run failing.onnx" in run.stderr
     assert "0 written, 2 failed, 0 skipped" in run.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
