@@ -216,7 +216,7 @@ class OnnxEngine:
 
         what = f"{self.model_name} ({self.path.name}, {self.dtype})" if self.model_name else \
             f"{self.path.name} ({self.dtype})"
-        text = f"{what} on onnxruntime {ort.__version__} {self.providers[0]}"
+        text = f"{what} on {self.device}, onnxruntime {ort.__version__} {self.providers[0]}"
         if self.fallback:
             text += " -- WARNING: CUDA was asked for but ONNX Runtime runs on the CPU: " + self._fallback_reason()
         return text
