@@ -42,11 +42,9 @@ def choose_model(model: str | None = "auto", weights=None) -> str:
     return chosen
 
 
-def exported_model(path, asked: str | None, chosen: str) -> str:
-    """The registered model an exported ONNX file (`rmbg export`) says it is; `asked` must agree."""
-    from .engines.ort import read_model_name
-
-    found = read_model_name(path)
+def exported_model(path, found: str | None, asked: str | None, chosen: str) -> str:
+    """The registered model an exported ONNX file (`rmbg export`) says it is (`found`, from its
+    metadata; None for other ONNX files); `asked` must agree."""
     if found is None:
         return chosen
     found = get_spec(found).name
@@ -122,19 +120,22 @@ class RemovalPipeline:
                  max_pixels: int = DEFAULT_MAX_PIXELS, input_size: tuple[int, int] | None = None, network=None,
                  batch_requests: int = 1, compile: str | None = None, engine: Engine | None = None):
         self.model_name = choose_model(model, weights)
-        if os.fspath(weights or "").endswith(".onnx") and engine is None:
-            self.model_name = exported_model(weights, model, self.model_name)
+        started = time.perf_counter()
+        if engine is None and os.fspath(weights or "").endswith(".onnx"):
+            # An exported file says which model it is: its engine is opened once, then asked.
+            engine = build_engine(get_spec(self.model_name), weights, device, dtype, input_size=input_size,
+                                  compile=compile)
+            self.model_name = exported_model(weights, engine.model_name, model, self.model_name)
         self.spec: ModelSpec = get_spec(self.model_name)
         self.batch_size = max(1, int(batch_size))
         self.max_pixels = max_pixels
-        started = time.perf_counter()
         if engine is None:
             engine = build_engine(self.spec, weights, device, dtype, network=network, input_size=input_size,
                                   compile=compile, max_batch=max(self.batch_size, batch_requests))
         self.engine = RequestBatcher(engine, batch_requests) if batch_requests > 1 else engine
         # An exported file's own size (its metadata) comes before the model's, when none is asked for.
-        own_size = getattr(engine, "input_size", None) if isinstance(getattr(engine, "input_size", None), tuple) \
-            else None
+        own_size = getattr(engine, "input_size", None)
+        own_size = own_size if isinstance(own_size, tuple) else None
         self.input_size = tuple(input_size or engine.fixed_size or own_size or self.spec.input_size)
         if engine.fixed_size and engine.fixed_size != self.input_size:
             raise ValueError(f"this {engine.name} model runs at {engine.fixed_size[1]}x{engine.fixed_size[0]} only, "

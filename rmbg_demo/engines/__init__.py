@@ -27,7 +27,8 @@ def build_engine(model: str | ModelSpec, weights: str | os.PathLike | None = Non
     exported = os.fspath(weights or "").endswith(".onnx")
     if network is None and (spec.runtime is Runtime.ONNX or exported):
         if compile:
-            raise ValueError(f"compiling needs a PyTorch network; {spec.name} runs as an ONNX graph on onnxruntime")
+            what = os.fspath(weights) if exported else spec.name
+            raise ValueError(f"compiling needs a PyTorch network; {what} runs as an ONNX graph on onnxruntime")
         path = resolve_weights(spec.name, weights)
         on_gpu = pick_device(device).type == "cuda"
         if exported:  # our export's metadata says the activation and size; one output, the final map

@@ -45,18 +45,6 @@ def _what_it_is(path: Path) -> str:
     return "it is not an ONNX model (unrecognised content)"
 
 
-def read_model_name(path) -> str | None:
-    """The `model` our export writes into a file's metadata (None for other ONNX files)."""
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # the engine, opened next, explains what is wrong with the file
-        log.debug("cannot read metadata of %s: %s", path, exc)
-        return None
-    return session.get_modelmeta().custom_metadata_map.get("model")
-
-
 def _providers(device: str) -> list[str]:
     import onnxruntime as ort
 
