@@ -1,5 +1,5 @@
 """Start the demo: `python app.py [--host H] [--port P] [--share] [--model NAME] [--weights FILE] [--device D]
-[--dtype T] [--max-batch N] [--compile]`."""
+[--dtype T] [--batch-size N] [--max-batch N] [--compile] [--size N|WxH] [--backend URL]`."""
 import argparse
 import logging
 import os
@@ -15,6 +15,8 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     add_model_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N",
+                        help="images per network batch in the Batch and video tabs (default 4)")
     parser.add_argument("--max-batch", type=int, metavar="N",
                         help="concurrent requests share network batches of up to N images "
                              "(default: 8 on a GPU, 1 = off on the CPU)")
@@ -25,22 +27,36 @@ def parse_args(argv=None):
                         help="refuse longer clips in the video tab (default 60; 0: no limit)")
     parser.add_argument("--allow-private-urls", action="store_true", default=allow_private_default(),
                         help="let the URL tab fetch loopback/private addresses (intranets, tests)")
-    return parser.parse_args(argv)
+    parser.add_argument("--backend", metavar="URL",
+                        help="a running `rmbg serve` (http://HOST:PORT) that runs the network; this page only "
+                             "decodes and composes, so it can live on a small machine")
+    args = parser.parse_args(argv)
+    if args.backend and (args.weights or args.compile or args.device != "auto" or args.dtype != "auto"):
+        parser.error("--weights, --compile, --device and --dtype belong to `rmbg serve` when --backend is given")
+    return args, parser
 
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    args, parser = parse_args(argv)
     # Imported after parsing, so that --help answers at once.
+    from rmbg_demo.cluster.client import RemoteError
     from rmbg_demo.gradio_compat import guard_cache_cleaning
     from rmbg_demo.ui import DemoConfig, build_demo
 
     configure_torch(args.device)
     guard_cache_cleaning()
     config = DemoConfig(model=args.model, weights=args.weights, device=args.device, dtype=args.dtype,
-                        allow_private_urls=args.allow_private_urls, max_batch=args.max_batch, compile=args.compile,
-                        resolution=args.size, max_video_seconds=args.max_video_seconds or None)
-    demo = build_demo(config)
+                        allow_private_urls=args.allow_private_urls, batch_size=max(1, args.batch_size),
+                        max_batch=args.max_batch, compile=args.compile,
+                        resolution=args.size, max_video_seconds=args.max_video_seconds or None,
+                        backend=args.backend)
+    try:
+        demo = build_demo(config)
+    except (RemoteError, ValueError) as exc:
+        if not args.backend:
+            raise
+        parser.error(f"--backend: {exc} (start the service first: rmbg serve --host 0.0.0.0)")
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

@@ -19,12 +19,14 @@ import gradio as gr
 from PIL import Image
 
 from . import fetch
+from .cluster.client import RemoteRemover
 from .engines import Engine, RequestBatcher, ZeroGpuEngine, build_engine, pick_device, zerogpu_decorator
 from .gradio_compat import RawImage
 from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, encode_image, load_image, write_atomic
 from .models import DEFAULT, REGISTRY, Runtime, get_spec, model_names
 from .options import parse_size
 from .pipeline import Outcome, RemovalPipeline, RemovalResult, choose_model
+from .remote import RemotePipeline
 from .ui_video import VideoHandler, video_tab
 from .weights import WeightsError, weights_available
 
@@ -66,11 +68,15 @@ class DemoConfig:
     compile: str | None = None  # a torch.compile backend ("inductor"), warmed up at start-up
     resolution: str = "auto"  # the page's default network resolution (N or WxH; "auto": each model's own)
     max_video_seconds: float | None = 60  # longer clips are refused before any work (a shared demo's limit)
+    # A running `rmbg serve` (http://HOST:PORT) that runs the network: the page decodes and composes only.
+    backend: str | None = None
     zerogpu: bool = field(default_factory=lambda: zerogpu_decorator() is not None)
 
     def request_batch(self) -> int:
         if self.max_batch is not None:
             return max(1, self.max_batch)
+        if self.backend:  # requests in flight together reach the service together, and share its batches
+            return 8
         return 8 if pick_device(self.device).type == "cuda" and not self.zerogpu else 1
 
 
@@ -153,6 +159,39 @@ class Models:
         if pipeline.model_name != DEFAULT:
             text += f"  \n{how_to_enable(DEFAULT)}"
         return text
+
+
+@dataclass
+class RemoteModels(Models):
+    """The models a running `rmbg serve` at `config.backend` has weights for; their pipelines send each
+    image there for its mask (`rmbg_demo.remote`). Nothing is loaded here. An unreachable service at
+    start-up raises `RemoteError`; later, each request that cannot reach it fails with that error alone."""
+
+    remote: RemoteRemover | None = None
+
+    def __post_init__(self):
+        self.remote = RemoteRemover(self.config.backend)
+        offered = self.remote.models()  # RemoteError when nothing answers: the page would be useless
+        available = [m["name"] for m in offered["models"] if m.get("available") and m["name"] in REGISTRY]
+        asked = self.config.model
+        if asked not in (None, "auto") and get_spec(asked).name not in available:
+            raise ValueError(f"{self.config.backend} has no weights for {asked}; it offers {', '.join(available)}")
+        self.default = get_spec(asked).name if asked not in (None, "auto") else offered["default"]
+        self.choices = [self.default, *(n for n in available if n != self.default)]
+        self.local = set(self.choices)
+
+    def get(self, name: str | None, size: tuple[int, int] | None = None) -> RemovalPipeline:
+        name = get_spec(name).name if name else self.default
+        if name not in self.local:
+            raise gr.Error(f"{name} is not available at {self.config.backend}; choose one of {', '.join(self.choices)}")
+        with self._lock:
+            if (name, size) not in self._pipelines:
+                self._pipelines[name, size] = RemotePipeline(self.remote, name, size, self.config.batch_size,
+                                                             self.config.max_pixels)
+            return self._pipelines[name, size]
+
+    def banner(self) -> str:
+        return f"**Model:** {self.get(self.default).describe()}"
 
 
 @dataclass
@@ -372,7 +411,8 @@ def result_outputs(label: str, prefix: str) -> list:
 
 
 def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
-    models = Models(config or DemoConfig())
+    config = config or DemoConfig()
+    models = RemoteModels(config) if config.backend else Models(config)
     handlers = Handlers(models)
     with gr.Blocks(title=TITLE, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}")

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import ray
-from helpers import ASSETS, bomb_png, free_port
+from gradio_client import Client, handle_file
+from helpers import ASSETS, AppServer, bomb_png, free_port
 from PIL import Image
 from ray import serve
 
@@ -17,6 +18,7 @@ from rmbg_demo.cluster.client import RemoteError, RemoteRemover
 from rmbg_demo.cluster.runtime import connect
 from rmbg_demo.cluster.serve import replica_options, start_service
 from rmbg_demo.cluster.serve_app import ServeSettings
+from rmbg_demo.compose import replace_background
 
 MAX_BYTES = 300_000
 MAX_BATCH = 4
@@ -69,6 +71,7 @@ def test_remove_answers_the_image_in_every_input_form(service, image_server):
     status, headers, body = post(service, photo)
     assert status == 200, body
     assert headers["Content-Type"] == "image/png" and headers["X-Model"] == "u2netp"
+    assert headers["X-Network-Size"] == "320x320"
     assert "network;dur=" in headers["Server-Timing"] and float(headers["X-Seconds"]) > 0
     cut = opened(body)
     assert cut.mode == "RGBA" and cut.size == (48, 40)
@@ -96,7 +99,8 @@ def test_remove_answers_the_image_in_every_input_form(service, image_server):
         m for m in models["models"] if m["name"] == "u2netp").items()
 
 
-@pytest.mark.parametrize("case", ["junk", "truncated", "bomb", "too_big", "bad_format", "bad_colour", "empty"])
+@pytest.mark.parametrize("case", ["junk", "truncated", "bomb", "too_big", "bad_format", "bad_colour", "bad_size",
+                                  "empty"])
 def test_bad_input_is_a_clear_error_and_the_service_stays_up(service, case):
     photo = (ASSETS / "chelsea.jpg").read_bytes()
     data, query, expected = {
@@ -106,6 +110,7 @@ def test_bad_input_is_a_clear_error_and_the_service_stays_up(service, case):
         "too_big": (b"\xff" * (MAX_BYTES + 1), "", 413),
         "bad_format": (photo, "?format=gif", 400),
         "bad_colour": (photo, "?background=notacolour", 400),
+        "bad_size": (photo, "?size=1000", 400),
         "empty": (b"", "", 400),
     }[case]
     status, headers, body = post(service, data, query)
@@ -170,3 +175,43 @@ def test_replica_options():
     assert replica_options("1", 0, 8, 64)["ray_actor_options"]["num_gpus"] == 0
     with pytest.raises(ValueError, match="--replicas"):
         replica_options("many", 0, 8, 64)
+
+
+@pytest.fixture(scope="module")
+def page_on_service(service):
+    """`python app.py --backend URL`: the page sends its work to the running service."""
+    page = AppServer("--backend", service).wait()
+    yield page
+    page.stop()
+
+
+def test_the_page_sends_its_work_to_the_service(page_on_service, service, tmp_path):
+    client = Client(page_on_service.url, verbose=False)
+    photo = tmp_path / "patch.png"
+    photo.write_bytes(patch_photo((250, 120, 0), (64, 48)))
+    result = client.predict(handle_file(str(photo)), "u2netp", "colour", "#0000ff", None, False, "png",
+                            api_name="/image")
+    assert f"served by {service}" in result[4] and "[u2netp] at 320x320" in result[4]
+    _, _, served_mask = post(service, photo.read_bytes(), "?mask=1")
+    assert np.array_equal(np.asarray(Image.open(result[2])), np.asarray(opened(served_mask)))  # the service's mask
+    # Composed here, over the colour asked for, with the service's mask.
+    expected = replace_background(Image.open(photo).convert("RGB"), opened(served_mask), (0, 0, 255))
+    assert np.array_equal(np.asarray(Image.open(result[1])), np.asarray(expected))
+
+    # The resolution setting travels to the service, which refuses what its model cannot run.
+    with pytest.raises(Exception, match="runs at 320x320 only"):
+        client.predict(handle_file(str(photo)), "u2netp", "transparent", "#ffffff", None, False, "png", "512",
+                       api_name="/image")
+    # A bad file in a batch fails alone, here, before any request to the service.
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    gallery, archive, info = client.predict([handle_file(str(photo)), handle_file(str(junk))], api_name="/batch")
+    assert len(gallery) == 1 and "1 done, 1 failed" in info and "junk.png" in info
+    assert page_on_service.alive()
+
+
+def test_the_page_refuses_to_start_without_its_service():
+    nobody = f"http://127.0.0.1:{free_port()}"
+    page = AppServer("--backend", nobody)
+    assert page.process.wait(timeout=120) == 2
+    assert f"cannot reach {nobody}" in page.output() and "rmbg serve" in page.output()

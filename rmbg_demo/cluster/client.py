@@ -11,9 +11,10 @@ from email.message import Message
 
 
 class RemoteError(RuntimeError):
-    """The service refused the image or failed; `status` is the HTTP status (400 bad image, 413, 503 busy...)."""
+    """The service refused the image or failed; `status` is the HTTP status (400 bad image, 413, 503 busy...),
+    None when it could not be reached."""
 
-    def __init__(self, message: str, status: int):
+    def __init__(self, message: str, status: int | None):
         super().__init__(message)
         self.status = status
 
@@ -26,12 +27,16 @@ class RemoteRemover:
         self.timeout = timeout
 
     def remove(self, image: bytes, *, model: str | None = None, background: str | None = None,
-               format: str = "png", refine: bool = False, mask: bool = False) -> tuple[bytes, Message]:
+               format: str = "png", refine: bool = False, mask: bool = False,
+               size: str | None = None) -> tuple[bytes, Message]:
         """The cut-out (or, with `mask`, the mask) of `image`, encoded as `format`, and the answer's headers
-        (X-Model: the model that ran; X-Seconds, Server-Timing: where the time went)."""
+        (X-Model: the model that ran; X-Network-Size: the resolution it ran at (`size`, "N" or "WxH", default
+        the model's own); X-Seconds, Server-Timing: where the time went)."""
         query = {"format": format}
         if model:
             query["model"] = model
+        if size and size != "auto":
+            query["size"] = size
         if background:
             query["background"] = background
         if refine:
@@ -51,8 +56,8 @@ class RemoteRemover:
         return self._send(request)
 
     def models(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/models", timeout=self.timeout) as response:
-            return json.loads(response.read())
+        """GET /models: {"default": name, "batch": N, "models": [{"name", "title", "licence", "available"}]}."""
+        return json.loads(self._send(urllib.request.Request(f"{self.url}/models"))[0])
 
     def healthy(self) -> bool:
         try:
@@ -72,3 +77,6 @@ class RemoteRemover:
             except (ValueError, KeyError, TypeError):
                 message = body.decode(errors="replace")[:200] or exc.reason
             raise RemoteError(f"{self.url} answered {exc.code}: {message}", exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:  # refused, reset, timed out: no answer at all
+            reason = getattr(exc, "reason", exc)
+            raise RemoteError(f"cannot reach {self.url}: {reason}", None) from None

@@ -1,7 +1,8 @@
 """`rmbg serve`: background removal as an HTTP service on Ray Serve.
 
 POST /remove (image bytes, multipart field `image`, or JSON {"url": ...}; query model, background,
-format, refine, mask=1) answers the image with X-Model and timing headers; GET /models, GET /healthz.
+format, refine, mask=1, size=N|WxH (the network's resolution; default the model's own)) answers the
+image with X-Model and timing headers; GET /models, GET /healthz.
 Bad input is a 400 {"error": ...}, an oversized body 413, a full queue 503; the service stays up.
 """
 from __future__ import annotations

@@ -56,30 +56,41 @@ class Remover:
 
         self.settings = settings
         self.default_model = choose_model(settings.model, settings.weights)
-        self.pipelines: dict = {}
+        self.pipelines: dict = {}  # (model, size) -> pipeline; a model's sizes share its engine
         self._load(self.default_model)
         self._network.set_max_batch_size(max(1, settings.max_batch))
 
-    def _load(self, model: str):
-        """The pipeline of `model`, built once per replica (on its first request for a model other than the default)."""
+    def _load(self, model: str, size: tuple[int, int] | None = None):
+        """The pipeline of `model` at network size `size` (None: the model's own), built once per replica
+        (on its first request for it); every size of a model runs on the model's one engine."""
         from ..pipeline import RemovalPipeline
 
-        if model not in self.pipelines:
+        if (model, None) not in self.pipelines:
             weights = self.settings.weights if model == self.default_model else None
-            self.pipelines[model] = RemovalPipeline(model, weights, self.settings.device, self.settings.dtype,
-                                                    batch_size=self.settings.max_batch)
-        return self.pipelines[model]
+            self.pipelines[model, None] = RemovalPipeline(model, weights, self.settings.device, self.settings.dtype,
+                                                          batch_size=self.settings.max_batch,
+                                                          max_pixels=self.settings.max_pixels)
+        if (model, size) not in self.pipelines:
+            base = self.pipelines[model, None]
+            try:
+                self.pipelines[model, size] = RemovalPipeline(base.model_name, batch_size=self.settings.max_batch,
+                                                              max_pixels=self.settings.max_pixels, input_size=size,
+                                                              engine=base.engine)
+            except ValueError as exc:  # a size this model's engine cannot run at (a fixed-size ONNX file)
+                raise BadRequest(f"{model}: {exc}") from None
+        return self.pipelines[model, size]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _network(self, items: list[tuple[str, object]]) -> list:
-        """One engine call per model among the queued requests' preprocessed inputs; answers in their order."""
+    async def _network(self, items: list[tuple[tuple, object]]) -> list:
+        """One engine call per (model, size) among the queued requests' preprocessed inputs; answers in their
+        order."""
         import torch
 
         out: list = [None] * len(items)
-        for model in dict.fromkeys(m for m, _ in items):
-            indices = [i for i, (m, _) in enumerate(items) if m == model]
+        for key in dict.fromkeys(k for k, _ in items):
+            indices = [i for i, (k, _) in enumerate(items) if k == key]
             batch = torch.cat([items[i][1] for i in indices])
-            probabilities = await asyncio.to_thread(self.pipelines[model].engine, batch)
+            probabilities = await asyncio.to_thread(self.pipelines[key].engine, batch)
             for i, probability in zip(indices, probabilities):
                 out[i] = probability
         return out
@@ -113,7 +124,7 @@ class Remover:
         """Loaded, or loadable from this replica's disk: a request never waits for a download."""
         from ..weights import weights_available
 
-        return name in self.pipelines or weights_available(name)
+        return (name, None) in self.pipelines or weights_available(name)
 
     async def _remove(self, request: Request) -> Response:
         from ..imageio import ImageDecodeError, encode_image, load_image
@@ -125,8 +136,9 @@ class Remover:
         if fmt not in FORMAT_EXTENSIONS:
             raise BadRequest(f"format must be one of {', '.join(FORMAT_EXTENSIONS)}, not {fmt!r}")
         background = self._background(query.get("background"))
+        size = self._size(query.get("size"))
         data = await self._body(request)
-        pipeline = self._load(model)
+        pipeline = self._load(model, size)
 
         def decode():  # this request's own thread: a bad file fails here, alone
             image = load_image(data, max_pixels=self.settings.max_pixels)
@@ -137,7 +149,7 @@ class Remover:
         except ImageDecodeError as exc:
             raise BadRequest(str(exc)) from None
         decoded = time.perf_counter()
-        probability = await self._network((model, network_input))
+        probability = await self._network(((model, size), network_input))
         networked = time.perf_counter()
 
         def finish() -> bytes:
@@ -155,6 +167,7 @@ class Remover:
         timing = {"decode": decoded - started, "network": networked - decoded, "compose": done - networked}
         headers = {"X-Model": model, "X-Seconds": f"{done - started:.4f}",
                    "X-Image-Size": f"{image.width}x{image.height}",
+                   "X-Network-Size": f"{pipeline.input_size[1]}x{pipeline.input_size[0]}",
                    "Server-Timing": ", ".join(f"{k};dur={1000 * v:.1f}" for k, v in timing.items())}
         return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
 
@@ -168,6 +181,15 @@ class Remover:
         if not self._available(name):
             raise BadRequest(f"model {name!r} has no weights on this server; GET /models lists the available ones")
         return name
+
+    @staticmethod
+    def _size(text: str | None) -> tuple[int, int] | None:
+        from ..options import parse_size
+
+        try:
+            return parse_size(text)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
 
     @staticmethod
     def _background(spec: str | None):
