@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Images and masks are matched by file stem; unmatched files are listed.")
     evaluate.add_argument("images_dir", type=Path, metavar="IMAGES_DIR")
     evaluate.add_argument("masks_dir", type=Path, metavar="MASKS_DIR")
-    add_model_arguments(evaluate, repeatable=True)  # --weights applies when one model is evaluated
+    add_model_arguments(evaluate, repeatable=True)  # --weights: only with one --model
     add_size_argument(evaluate)
     evaluate.add_argument("--csv", type=Path, metavar="FILE", help="one row per (image, model)")
 
@@ -340,7 +340,7 @@ def run_compare(args) -> int:
     from .evaluation import compare_collage
     from .imageio import encode_image
 
-    collage = compare_collage(args.images, args.model, device=args.device, dtype=args.dtype)
+    collage = compare_collage(args.images, args.model, device=args.device, dtype=args.dtype, weights=args.weights)
     write_atomic(encode_image(collage, "png"), args.output, overwrite=True)
     print(f"collage written to {args.output}", file=sys.stderr)
     return 0
@@ -374,7 +374,10 @@ COMMANDS = {"remove": run_remove, "models": run_models, "eval": run_eval, "make-
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if isinstance(getattr(args, "model", None), list) and len(args.model) > 1 and args.weights:
+        parser.error(f"--weights is for one --model; with {len(args.model)} models it would be ambiguous")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     from .engines import configure_torch
     from .weights import WeightsError

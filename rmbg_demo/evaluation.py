@@ -179,11 +179,15 @@ def checkerboard(size: tuple[int, int], square: int = 16) -> Image.Image:
     return Image.fromarray(board, "L").convert("RGBA")
 
 
-def compare_collage(images, models: list[str], *, cell: int = 320, device="auto", dtype="auto") -> Image.Image:
-    """A labelled grid: one row per image, the input then each model's cut-out on a checkerboard."""
+def compare_collage(images, models: list[str], *, cell: int = 320, device="auto", dtype="auto",
+                    weights=None) -> Image.Image:
+    """A labelled grid: one row per image, the input then each model's cut-out on a checkerboard.
+    `weights`: a file for the model, when there is one."""
     from .pipeline import get_pipeline
 
-    pipelines = [get_pipeline(m, device=device, dtype=dtype) for m in models]
+    if weights is not None and len(models) != 1:
+        raise ValueError("weights are for one model")
+    pipelines = [get_pipeline(m, weights, device=device, dtype=dtype) for m in models]
     label_height = 28
     columns = ["input", *[p.model_name for p in pipelines]]
     grid = Image.new("RGB", (cell * len(columns), label_height + cell * len(images)), "white")

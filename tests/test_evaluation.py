@@ -175,6 +175,16 @@ def test_eval_exit_codes_when_nothing_is_scored_and_for_bad_arguments(tmp_path):
     assert unknown.returncode == 2 and "invalid choice: 'nope'" in unknown.stderr
 
 
+
+def test_weights_with_several_models_is_refused_not_ignored(tmp_path, capsys):
+    from rmbg_demo.cli import main
+
+    for command in (["eval", "images", "masks"], ["compare", str(ASSETS / "chelsea.jpg"), "-o", "c.png"]):
+        with pytest.raises(SystemExit) as exit_code:
+            main([*command, "--model", "u2netp", "--model", "rmbg-2.0", "--weights", str(tmp_path / "w.pth")])
+        assert exit_code.value.code == 2 and "--weights is for one --model" in capsys.readouterr().err
+
+
 def test_compare_collage_shows_two_models_cutouts_on_a_checkerboard(tmp_path, lite_weights_file, lite_fixture_model):
     out = tmp_path / "collage.png"
     run = run_with_lite_256(tmp_path, "compare", ASSETS / "chelsea.jpg", "--model", "u2netp", "--model", "lite-256",
