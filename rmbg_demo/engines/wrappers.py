@@ -78,8 +78,8 @@ class RequestBatcher:
     def _serve(self) -> None:
         while True:
             taken = self._take()
-            batch = torch.cat([batch for batch, _ in taken]) if len(taken) > 1 else taken[0][0]
-            try:
+            try:  # whatever fails here reaches the batch's callers; the worker must live on
+                batch = torch.cat([batch for batch, _ in taken]) if len(taken) > 1 else taken[0][0]
                 if self.before_batch:
                     self.before_batch(len(batch))
                 out = self.engine(batch)
