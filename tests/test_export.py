@@ -41,9 +41,8 @@ def photos(model_name, size=(SIZE, SIZE), count=3) -> torch.Tensor:
     return normalise(images, get_spec(model_name))
 
 
-def run_file(path, *batches: torch.Tensor) -> list[torch.Tensor]:
+def run_file(session: ort.InferenceSession, *batches: torch.Tensor) -> list[torch.Tensor]:
     """The file as any ONNX Runtime user runs it: its raw `logits` output for each batch."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return [torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0]) for x in batches]
 
 
@@ -72,18 +71,32 @@ def exported(tmp_path_factory, rmbg2_fixture_model, lite_fixture_model, rmbg14_f
     return get
 
 
+@pytest.fixture(scope="module")
+def engine_of(exported):
+    """name -> the OnnxEngine of its exported file, opened once (a Swin graph takes ONNX Runtime 10-30 s to
+    open on 2 cores); `engine.session` is the plain onnxruntime session any user would make."""
+    engines = {}
+
+    def get(name):
+        if name not in engines:
+            engines[name] = OnnxEngine(exported(name)[0].path)
+        return engines[name]
+    return get
+
+
 @pytest.mark.parametrize("name", ["rmbg-2.0", "birefnet-lite", "rmbg-1.4"])
-def test_exported_file_matches_the_network_at_batch_1_and_3(exported, name):
+def test_exported_file_matches_the_network_at_batch_1_and_3(exported, engine_of, name):
     report, network = exported(name)
+    engine = engine_of(name)
     x = photos(name)
     with torch.no_grad():
         expected = network(x)[get_spec(name).output_index]
-    for got, want in zip(run_file(report.path, x[:1], x), (expected[:1], expected)):
+    for got, want in zip(run_file(engine.session, x[:1], x), (expected[:1], expected)):
         assert got.shape == want.shape == (len(want), 1, SIZE, SIZE)
         assert (got - want).abs().max() <= 1e-3 * want.std()
     # The engine gives the same map as a probability, the activation the metadata names applied.
     probability = expected[:1].sigmoid() if name != "rmbg-1.4" else _minmax(expected[:1])
-    assert (OnnxEngine(report.path)(x[:1]) - probability).abs().max() < 1e-4
+    assert (engine(x[:1]) - probability).abs().max() < 1e-4
 
 
 def _minmax(maps):
@@ -91,14 +104,14 @@ def _minmax(maps):
     return (maps - low) / (high - low)
 
 
-def test_rmbg14_file_takes_any_size_birefnet_files_keep_theirs(exported, rmbg14_fixture_model):
+def test_rmbg14_file_takes_any_size_birefnet_files_keep_theirs(exported, engine_of, rmbg14_fixture_model):
     rmbg14, _ = exported("rmbg-1.4")
     assert rmbg14.dynamic_axes == ("batch", "height", "width")
     assert rmbg14.check.worst <= 1e-3 and set(rmbg14.check.errors) == {"1x256x256", "2x256x256", "1x320x288"}
     x = photos("rmbg-1.4", size=(320, 288), count=2)
     with torch.no_grad():
         expected = rmbg14_fixture_model(x)[0]
-    assert (run_file(rmbg14.path, x)[0] - expected).abs().max() <= 1e-3 * expected.std()
+    assert (run_file(engine_of("rmbg-1.4").session, x)[0] - expected).abs().max() <= 1e-3 * expected.std()
 
     lite, _ = exported("birefnet-lite")
     assert lite.dynamic_axes == ("batch",)
@@ -110,7 +123,7 @@ def test_rmbg14_file_takes_any_size_birefnet_files_keep_theirs(exported, rmbg14_
         OnnxEngine(lite.path)(torch.zeros(1, 3, 320, 256))
 
 
-def test_file_format_and_metadata(exported):
+def test_file_format_and_metadata(exported, engine_of):
     report, _ = exported("birefnet-lite")
     model = onnx.load(str(report.path))
     assert [i.name for i in model.graph.input] == ["input"]
@@ -126,12 +139,12 @@ def test_file_format_and_metadata(exported):
     # The deformable convolutions went through grid_sample, not torchvision's kernel (no ONNX form).
     ops = {node.op_type for node in model.graph.node}
     assert "GridSample" in ops and "DeformConv" not in ops
-    engine = OnnxEngine(report.path)
+    engine = engine_of("birefnet-lite")
     assert (engine.model_name, engine.input_size, engine.activation) == ("birefnet-lite", (256, 256), "sigmoid")
     assert engine.mean == (0.485, 0.456, 0.406) and engine.std == (0.229, 0.224, 0.225)
     assert engine.name == "onnxruntime" and engine.device == "cpu" and "CPUExecutionProvider" in engine.describe()
 
-    rmbg14 = OnnxEngine(exported("rmbg-1.4")[0].path)
+    rmbg14 = engine_of("rmbg-1.4")
     assert (rmbg14.activation, rmbg14.mean, rmbg14.std) == ("minmax", (0.5, 0.5, 0.5), (1.0, 1.0, 1.0))
 
 
@@ -141,7 +154,7 @@ def test_float16_export_keeps_masks_within_3_of_255(tmp_path, lite_fixture_model
     assert report.check.dtype == "float16" and report.check.worst <= 3 / 255
     engine = OnnxEngine(report.path)
     assert engine.dtype == "float16"
-    x = photos("birefnet-lite")
+    x = photos("birefnet-lite", count=1)  # (float16 runs slowly on CPUs: one real photo beside the check's two)
     with torch.no_grad():
         expected = lite_fixture_model(x)[-1].sigmoid()
     got = engine(x)  # float32 in and out; the engine casts
@@ -152,8 +165,8 @@ def test_float16_export_keeps_masks_within_3_of_255(tmp_path, lite_fixture_model
 
 
 def test_check_refuses_a_file_that_disagrees(tmp_path, exported, lite_fixture_model):
+    # (The check passing on good files: the RMBG-1.4 and float16 exports above run it.)
     report, _ = exported("birefnet-lite")
-    assert verify_onnx(report.path, lite_fixture_model, batch_sizes=(1,)).worst <= 1e-3
     # One weight of the file changed: the file no longer computes what the network does.
     model = onnx.load(str(report.path))
     weight = next(t for t in model.graph.initializer if t.name.endswith("patch_embed.proj.weight"))

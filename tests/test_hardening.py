@@ -131,11 +131,11 @@ def files_in(folders) -> set[Path]:
 
 
 def test_load_every_answer_is_its_own_and_temp_files_are_cleaned_up(batching_server, tmp_path):
-    """8 concurrent clients, 64 different images: each answer is its own cut-out, batches never
+    """8 concurrent clients, 32 different images: each answer is its own cut-out, batches never
     exceed the cap, and every temp file the requests made is deleted eventually. Memory and
     temp-folder size over 1,000+ requests: bench/soak.py."""
     baseline = files_in(batching_server.temp_folders)
-    inputs = unique_inputs(tmp_path, 64)
+    inputs = unique_inputs(tmp_path, 32)
     clients = [Client(batching_server.url, verbose=False) for _ in range(8)]
 
     def one(i):

@@ -47,15 +47,23 @@ def test_every_registered_model_builds_and_has_a_valid_spec(name):
         assert get_spec(alias) is spec
 
 
+@pytest.fixture(scope="module")
+def cli_texts() -> dict[str, str]:
+    """What a user reads: `rmbg remove/eval/compare --help` and `rmbg models`, each run once."""
+    texts = {}
+    for command in (["remove", "--help"], ["eval", "--help"], ["compare", "--help"], ["models"]):
+        run = subprocess.run([sys.executable, "-m", "rmbg_demo", *command], capture_output=True, text=True,
+                             env=hermetic_env(COLUMNS="400"))
+        assert run.returncode == 0, run.stderr
+        texts[command[0]] = run.stdout
+    return texts
+
+
 @pytest.mark.parametrize("name", model_names())
-def test_every_registered_model_is_offered_by_the_cli(name):
+def test_every_registered_model_is_offered_by_the_cli(cli_texts, name):
     for command in ("remove", "eval", "compare"):
-        help_text = subprocess.run([sys.executable, "-m", "rmbg_demo", command, "--help"], capture_output=True,
-                                   text=True, env=hermetic_env(COLUMNS="400")).stdout
-        assert name in help_text, command
-    listing = subprocess.run([sys.executable, "-m", "rmbg_demo", "models"], capture_output=True, text=True,
-                             env=hermetic_env()).stdout
-    assert any(line.startswith(f"{name} ") for line in listing.splitlines())
+        assert name in cli_texts[command], command
+    assert any(line.startswith(f"{name} ") for line in cli_texts["models"].splitlines())
 
 
 def test_default_and_fallback_are_named_once():
