@@ -106,6 +106,28 @@ def test_bfloat16_masks_stay_within_2_of_float32(lite_fixture_model):
     assert np.abs(masks["bfloat16"] - masks["float32"]).max() <= 2
 
 
+def test_int8_linear_layers_keep_masks_within_4_of_float32(lite_fixture_model):
+    """--dtype int8 (CPU): Swin's Linear layers quantized, the rest float32; the issue's budget is 4/255."""
+    import copy
+
+    from rmbg_demo.engines.pytorch import TorchEngine
+
+    masks = {}
+    for dtype in ("float32", "int8"):
+        pipeline = RemovalPipeline("birefnet-lite", network=copy.deepcopy(lite_fixture_model), device="cpu",
+                                   dtype=dtype, input_size=(256, 256))
+        masks[dtype] = np.asarray(pipeline(ASSETS / "coffee.jpg").mask, dtype=int)
+    assert "torch on cpu (int8 Linear + float32)" in pipeline.describe()
+    quantized = [m for m in pipeline.engine.network.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(quantized) > 20 and not any(isinstance(m, torch.nn.Linear) for m in pipeline.engine.network.modules())
+    assert masks["float32"].std() > 4
+    assert 0 < np.abs(masks["int8"] - masks["float32"]).max() <= 4  # really quantized, and still faithful
+    with pytest.raises(ValueError, match="int8 runs on the CPU only"):
+        TorchEngine(copy.deepcopy(lite_fixture_model), device="cuda", dtype="int8")
+    with pytest.raises(ValueError, match="--compile and --dtype int8"):
+        pipeline.engine.compile("eager", (256, 256), 1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_auto_is_float16_within_2_of_float32(lite_fixture_model):
     import copy

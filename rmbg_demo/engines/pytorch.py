@@ -13,6 +13,10 @@ from ..processing import activate
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Beyond the compute types, an explicit CPU choice: the Linear layers (Swin's attention and MLPs) in int8
+# with activations quantized per call, everything else in float32 (bench/runtimes.py measures it).
+INT8 = "int8"
+DTYPE_CHOICES = (*DTYPES, INT8)
 
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -41,6 +45,8 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     deformable convolutions still compute in float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == INT8:  # int8 weights, float32 everything else
+        return torch.float32
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.float16
@@ -48,7 +54,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(DTYPE_CHOICES)}") from None
 
 
 def configure_torch(device: str | torch.device | None = "auto") -> None:
@@ -59,6 +65,16 @@ def configure_torch(device: str | torch.device | None = "auto") -> None:
     if pick_device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
+
+
+def int8_linear(network: nn.Module) -> nn.Module:
+    """`network` (float32, on the CPU) with its Linear layers quantized to int8, in place: torch's dynamic
+    quantization, whose kernels run on the CPU only."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        return torch.ao.quantization.quantize_dynamic(network, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def compiled_batch_sizes(max_batch: int) -> tuple[int, ...]:
@@ -77,15 +93,21 @@ class TorchEngine:
                  device="auto", dtype="auto"):
         self.torch_device = pick_device(device)
         self.device = str(self.torch_device)
+        self.int8 = dtype == INT8
+        if self.int8 and self.torch_device.type != "cpu":
+            raise ValueError(f"--dtype int8 runs on the CPU only, not {self.device}; on a GPU float16 is the fast "
+                             f"choice (the default)")
         self.dtype = pick_dtype(dtype, self.torch_device)
         self.network = network.to(device=self.torch_device, dtype=self.dtype).eval()
+        if self.int8:
+            self.network = int8_linear(self.network)
         self.output_index = output_index
         self.activation = Activation(activation)
         self.compiled_batch_sizes: tuple[int, ...] = ()
         self.compile_seconds = 0.0
 
     def describe(self) -> str:
-        dtype = str(self.dtype).replace("torch.", "")
+        dtype = "int8 Linear + float32" if self.int8 else str(self.dtype).replace("torch.", "")
         compiled = ", compiled" if self.compiled_batch_sizes else ""
         return f"torch on {self.torch_device.type} ({dtype}{compiled})"
 
@@ -93,6 +115,9 @@ class TorchEngine:
         """`torch.compile` with static shapes, then one warm-up pass per batch size the network
         will see (powers of two up to `max_batch`; batches are zero-padded up to the next one),
         so that no request pays for compilation."""
+        if self.int8:
+            raise ValueError("--compile and --dtype int8 do not go together (dynamically quantized layers do not "
+                             "compile); choose one")
         started = time.perf_counter()
         self.network = torch.compile(self.network, backend=backend, dynamic=False)
         self.compiled_batch_sizes = compiled_batch_sizes(max_batch)
