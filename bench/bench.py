@@ -141,26 +141,35 @@ def cli_benchmark(args) -> str:
 
     weights = Path(args.weights) if args.weights else fixture_weights_file(args.model)
     images = [str(p) for p in args.images]
-    commands = {
-        "model card snippet": [sys.executable, str(ROOT / "bench" / "model_card.py"), str(weights),
-                               str(args_out_dir / "card")] + images,
-        "rmbg remove (ours)": [sys.executable, "-m", "rmbg_demo", "remove", *images, "-o", str(args_out_dir / "cli"),
-                               "--model", args.model, "--weights", str(weights), "--overwrite", "-q",
-                               "--device", args.device],
-    }
+    def ours(dtype: str) -> list[str]:
+        return [sys.executable, "-m", "rmbg_demo", "remove", *images, "-o", str(args_out_dir / f"cli-{dtype}"),
+                "--model", args.model, "--weights", str(weights), "--overwrite", "-q", "--device", args.device,
+                "--dtype", dtype]
+
+    # (label, output folder, command); a --dtype other than auto runs beside ours at auto, for the ratio
+    commands = [("model card snippet", "card", [sys.executable, str(ROOT / "bench" / "model_card.py"), str(weights),
+                                                 str(args_out_dir / "card")] + images),
+                ("rmbg remove (ours)", "cli-auto", ours("auto"))]
+    if args.dtype != "auto":
+        commands.append((f"rmbg remove --dtype {args.dtype} (ours)", f"cli-{args.dtype}", ours(args.dtype)))
     (args_out_dir / "card").mkdir(parents=True, exist_ok=True)
-    times = {name: [] for name in commands}
-    for _ in range(args.runs):  # interleaved runs, so both see the same machine state
-        for name, command in commands.items():
+    times = {name: [] for name, _, _ in commands}
+    for _ in range(args.runs):  # interleaved runs, so all see the same machine state
+        for name, _, command in commands:
             started = time.perf_counter()
             subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
             times[name].append(time.perf_counter() - started)
-    card, ours = (statistics.median(times[name]) for name in commands)
-    alpha = {name: [np.asarray(Image.open(args_out_dir / name / f"{image.stem}.png"))[..., 3] for image in args.images]
-             for name in ("card", "cli")}
+    alpha = {folder: [np.asarray(Image.open(args_out_dir / folder / f"{image.stem}.png"))[..., 3]
+                      for image in args.images] for _, folder, _ in commands}
     reference = float32_masks(args, torch.device(args.device), images)
     rows = "\n".join(f"| {name} | {statistics.median(t):.1f} | {', '.join(f'{v:.1f}' for v in t)} |"
                      for name, t in times.items())
+    card = statistics.median(times["model card snippet"])
+    speedups = "\n".join(
+        f"- {name}: {card / statistics.median(times[name]):.2f}x the card; alpha difference vs the card: "
+        f"{difference(alpha['card'], alpha[folder])}; vs our pipeline in float32: "
+        f"{difference(reference, alpha[folder])}"
+        for name, folder, _ in commands[1:])
     return "\n".join([
         f"## {datetime.date.today()} CLI end to end, {args.model} on {args.device} "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -173,9 +182,7 @@ def cli_benchmark(args) -> str:
         "|---|---|---|",
         rows,
         "",
-        f"- speed-up: {card / ours:.2f}x; "
-        f"alpha difference of ours vs the card: {difference(alpha['card'], alpha['cli'])}; "
-        f"vs our pipeline in float32: {difference(reference, alpha['cli'])}",
+        speedups,
         "",
     ])
 

@@ -282,8 +282,8 @@ def main(argv=None) -> None:
         (f"- torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, Python "
          f"{platform.python_version()}; weights: {'file' if args.weights else 'parity fixture'}; images: "
          f"{', '.join(p.name for p in args.images)}; time per photo = preprocess + network + mask resize"),
-        (f"- load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after ({minutes:.0f} min): the "
-         "2 cores were shared with other work, so absolute times are high and noisy; rows ran one after another"),
+        (f"- load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after ({minutes:.0f} min; this "
+         f"benchmark alone adds about {torch.get_num_threads()}); rows ran one after another"),
         "",
         table(rows, exports, args.size),
         verdict(rows),
