@@ -1,24 +1,6 @@
-import os
-
 import pytest
 import torch
 from helpers import LEAKY_VARIABLES, AppServer, ImageServer, fixture_model, hermetic_env
-
-# pytest-xdist (the README's test command runs `-n auto`): tests run file by file on each worker, so a
-# file's module fixtures (an exported Swin-L, an app server) are built once; the two Ray files share a
-# worker, and with it one local Ray instance.
-RAY_FILES = ("test_cluster.py", "test_serve.py")
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("ray" if item.path.name in RAY_FILES else item.path.stem))
-
-
-def pytest_configure(config):
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:  # torch's default, every core in every worker, oversubscribes them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session", autouse=True)
