@@ -61,8 +61,8 @@ class RemotePipeline(RemovalPipeline):
     def _mask_of(self, image: Image.Image) -> Image.Image:
         buffer = io.BytesIO()
         image.save(buffer, "PNG", compress_level=1)  # lossless, and quick to write
-        body, headers = self.remote.remove(buffer.getvalue(), model=self.model_name, mask=True,
-                                           size=self.size_query)
+        body, _ = self.remote.remove(buffer.getvalue(), model=self.model_name, mask=True,
+                                     size=self.size_query)
         mask = Image.open(io.BytesIO(body))
         mask.load()
         if mask.mode != "L" or mask.size != image.size:
