@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.ops import deform_conv2d
 
 from . import swin
-from .swin import SWIN_LARGE, SWIN_TINY, SwinConfig, SwinTransformer
+from .swin import SWIN_LARGE, SWIN_TINY, SwinConfig, SwinTransformer, fixed_sizes
 
 
 @dataclass(frozen=True)
@@ -47,23 +47,23 @@ def deform_conv2d_sampled(x, offset, weight, mask, padding: int) -> torch.Tensor
     than torchvision's kernel (measured at the decoder's sizes), which spends its time filling
     and copying its column buffer.
     """
-    b, c, h, w = x.shape
-    out_channels, _, kh, kw = weight.shape
+    c, h, w = fixed_sizes(x, 1, 2, 3)
+    out_channels, _, kh, kw = fixed_sizes(weight, 0, 1, 2, 3)
     taps = kh * kw
     ys = torch.arange(h, device=x.device, dtype=x.dtype).view(1, 1, h, 1)
     xs = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
     tap_y = torch.arange(kh, device=x.device, dtype=x.dtype).repeat_interleave(kw).view(1, taps, 1, 1)
     tap_x = torch.arange(kw, device=x.device, dtype=x.dtype).repeat(kh).view(1, taps, 1, 1)
-    offset = offset.view(b, taps, 2, h, w)  # (dy, dx) per tap, as torchvision lays them out
+    offset = offset.view(-1, taps, 2, h, w)  # (dy, dx) per tap, as torchvision lays them out
     # Sampling positions in grid_sample's [-1, 1] (corners aligned: -1 is the first pixel's centre).
     grid_y = (ys - padding + tap_y + offset[:, :, 0]) * (2.0 / max(h - 1, 1)) - 1.0
     grid_x = (xs - padding + tap_x + offset[:, :, 1]) * (2.0 / max(w - 1, 1)) - 1.0
-    grid = torch.stack([grid_x, grid_y], dim=-1).view(b, taps * h, w, 2)
+    grid = torch.stack([grid_x, grid_y], dim=-1).view(-1, taps * h, w, 2)
     # Zero padding: samples outside the image read zeros, as in DCN.
     sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    sampled = sampled.view(b, c, taps, h, w).mul_(mask.view(b, 1, taps, h, w))
-    return torch.matmul(weight.reshape(out_channels, c * taps), sampled.view(b, c * taps, h * w)).view(
-        b, out_channels, h, w)
+    sampled = sampled.view(-1, c, taps, h, w).mul_(mask.view(-1, 1, taps, h, w))
+    return torch.matmul(weight.reshape(out_channels, c * taps), sampled.view(-1, c * taps, h * w)).view(
+        -1, out_channels, h, w)
 
 
 class DeformableConv(nn.Module):
@@ -159,9 +159,10 @@ class LateralBlock(nn.Module):
 
 def resize(x: torch.Tensor, size) -> torch.Tensor:
     """Bilinear, corners aligned (BiRefNet's choice everywhere); a no-op at the same size."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    size = tuple(int(s) for s in size)
+    if fixed_sizes(x, -2, -1) == size:
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
 def image_to_patch_channels(image: torch.Tensor, size) -> torch.Tensor:
@@ -171,11 +172,11 @@ def image_to_patch_channels(image: torch.Tensor, size) -> torch.Tensor:
     The order is RMBG-2.0's, whole tiles column by column (channel = (col * gh + row) * C + c);
     the `ipt_blk*` weights are tied to it.
     """
-    b, c, height, width = image.shape
-    h, w = size
+    c, height, width = fixed_sizes(image, 1, 2, 3)
+    h, w = (int(s) for s in size)
     gh, gw = height // h, width // w
-    tiles = image[..., : gh * h, : gw * w].reshape(b, c, gh, h, gw, w)
-    return tiles.permute(0, 4, 2, 1, 3, 5).reshape(b, c * gh * gw, h, w)
+    tiles = image[..., : gh * h, : gw * w].reshape(-1, c, gh, h, gw, w)
+    return tiles.permute(0, 4, 2, 1, 3, 5).reshape(-1, c * gh * gw, h, w)
 
 
 class Decoder(nn.Module):
@@ -211,7 +212,7 @@ class Decoder(nn.Module):
             self.add_module(f"gdt_convs_attn_{i}", nn.Sequential(nn.Conv2d(n, 1, 1)))
 
     def with_patches(self, features: torch.Tensor, image: torch.Tensor, block: SimpleConvs) -> torch.Tensor:
-        size = features.shape[-2:]
+        size = fixed_sizes(features, -2, -1)
         patches = resize(image_to_patch_channels(image, size), size)
         return torch.cat([features, block(patches)], dim=1)
 
@@ -245,7 +246,7 @@ class Decoder(nn.Module):
         skips a 64->48 convolution at full resolution.
         """
         head = self.conv_out1[0]
-        c = p1.shape[1]
+        (c,) = fixed_sizes(p1, 1)
         to_logit_feat = head.weight[:, :c]
         to_logit_patch = head.weight[:, c:, 0, 0].float()  # (1, 48)
         block = self.ipt_blk1
@@ -267,7 +268,7 @@ class BiRefNet(nn.Module):
         self.decoder = Decoder(cfg)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        h, w = x.shape[-2:]
+        h, w = fixed_sizes(x, -2, -1)
         full = self.bb(x)
         half = self.bb(resize(x, (h // 2, w // 2)))
         x1, x2, x3, x4 = (torch.cat([f, resize(g, f.shape[-2:])], dim=1) for f, g in zip(full, half))

@@ -8,6 +8,7 @@ the cyclic-shift mask) as an additive mask.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,18 @@ from torch import nn
 # The published code masks cross-region pairs with -100 before the softmax; a finite
 # value keeps half precision free of inf - inf.
 _MASKED = -100.0
+
+
+def fixed_sizes(x: torch.Tensor, *dims: int) -> tuple[int, ...]:
+    """`x`'s sizes along `dims` as plain ints, for sizes that never vary for one network input size.
+
+    In eager mode this is `x.shape`; under the ONNX exporter's tracer an int becomes a constant
+    where a read size would be recorded with all its arithmetic. BiRefNet's exported graph has
+    a fixed height and width (only the batch varies), and traced heights and widths filled it
+    with thousands of shape nodes (window masks, paddings, sampling grids) that ONNX Runtime
+    then spent seconds on at every session start. The batch size is never read through this.
+    """
+    return tuple(int(x.shape[d]) for d in dims)
 
 
 @dataclass(frozen=True)
@@ -59,27 +72,26 @@ def checkpoint_filter(state: dict, model: nn.Module) -> dict:
 
 def to_windows(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, H, W, C) -> (B, nW, window², C); H and W are multiples of `window`."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // window, window, w // window, window, c).transpose(2, 3)
-    return x.reshape(b, (h // window) * (w // window), window * window, c)
+    h, w, c = fixed_sizes(x, 1, 2, 3)
+    x = x.view(-1, h // window, window, w // window, window, c).transpose(2, 3)
+    return x.reshape(-1, (h // window) * (w // window), window * window, c)
 
 
 def from_windows(x: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
     """Inverse of `to_windows`."""
-    b, c = x.shape[0], x.shape[-1]
-    x = x.view(b, h // window, w // window, window, window, c).transpose(2, 3)
-    return x.reshape(b, h, w, c)
+    (c,) = fixed_sizes(x, -1)
+    x = x.view(-1, h // window, w // window, window, window, c).transpose(2, 3)
+    return x.reshape(-1, h, w, c)
 
 
 def shifted_window_mask(h: int, w: int, window: int, shift: int, device, dtype) -> torch.Tensor:
     """(nW, 1, N, N) additive mask keeping attention inside the regions a cyclic shift joins."""
-    region = torch.zeros(h, w, device=device)
-    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    label = 0
-    for hs in bounds:
-        for ws in bounds:
-            region[hs, ws] = label
-            label += 1
+    def bands(n: int) -> torch.Tensor:
+        """0, 1 or 2 along one side: before the last window, in its unshifted part, in the shift."""
+        at = torch.arange(n, device=device)
+        return (at >= n - window).long() + (at >= n - shift).long()
+
+    region = bands(h)[:, None] * 3 + bands(w)[None, :]  # 9 regions, as the published slices label them
     labels = to_windows(region[None, :, :, None], window)[0, :, :, 0]  # nW, N
     different = labels[:, None, :] != labels[:, :, None]
     return torch.zeros(different.shape, dtype=dtype, device=device).masked_fill_(different, _MASKED)[:, None]
@@ -100,6 +112,8 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window: int):
         super().__init__()
         self.num_heads, self.window = num_heads, window
+        # The default scale, given: the exporter would otherwise compute it from the shape in the file.
+        self.scale = 1.0 / math.sqrt(dim // num_heads)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=True)
         self.qkv = nn.Linear(dim, dim * 3)
@@ -114,15 +128,16 @@ class WindowAttention(nn.Module):
 
     def forward(self, windows: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
         """windows: (B, nW, N, C); shift_mask: (nW, 1, N, N) or None."""
-        b, nw, n, c = windows.shape
-        qkv = self.qkv(windows).view(b * nw, n, 3, self.num_heads, c // self.num_heads)
+        b = windows.shape[0]
+        nw, n, c = fixed_sizes(windows, 1, 2, 3)
+        qkv = self.qkv(windows).view(-1, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, d)
         bias = self.position_bias(q.dtype)[None]  # 1, heads, N, N
         if shift_mask is not None:
             # One mask per window, shared by the images of the batch.
             bias = (bias + shift_mask.to(q.dtype)).expand(b, nw, -1, -1, -1).reshape(b * nw, self.num_heads, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(b, nw, n, c))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(-1, nw, n, c))
 
 
 class SwinBlock(nn.Module):
@@ -136,7 +151,7 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
         """x: (B, H, W, C), H and W unpadded."""
-        b, h, w, c = x.shape
+        h, w = fixed_sizes(x, 1, 2)
         win = self.window
         y = self.norm1(x)
         pad_h, pad_w = (-h) % win, (-w) % win
@@ -163,12 +178,12 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
+        h, w, c = fixed_sizes(x, 1, 2, 3)
         if h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
             h, w = h + h % 2, w + w % 2
         # Neighbour order (row, col) = (0,0), (1,0), (0,1), (1,1), as the checkpoint expects.
-        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
+        x = x.view(-1, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(-1, h // 2, w // 2, 4 * c)
         return self.reduction(self.norm(x))
 
 
@@ -183,7 +198,7 @@ class SwinStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this stage's output, the next stage's input)."""
-        _, h, w, _ = x.shape
+        h, w = fixed_sizes(x, 1, 2)
         win = self.window
         hp, wp = h + (-h) % win, w + (-w) % win
         shift_mask = shifted_window_mask(hp, wp, win, win // 2, x.device, x.dtype) if len(self.blocks) > 1 else None
@@ -201,7 +216,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, H/4, W/4, C); sizes not divisible by the patch are zero-padded."""
-        h, w = x.shape[-2:]
+        h, w = fixed_sizes(x, -2, -1)
         if h % self.patch or w % self.patch:
             x = F.pad(x, (0, (-w) % self.patch, 0, (-h) % self.patch))
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
