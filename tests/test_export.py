@@ -85,10 +85,10 @@ def engine_of(exported):
 
 
 @pytest.mark.parametrize("name", ["rmbg-2.0", "birefnet-lite", "rmbg-1.4"])
-def test_exported_file_matches_the_network_at_batch_1_and_3(exported, engine_of, name):
+def test_exported_file_matches_the_network_at_batch_1_and_2(exported, engine_of, name):
     report, network = exported(name)
     engine = engine_of(name)
-    x = photos(name)
+    x = photos(name, count=2)
     with torch.no_grad():
         expected = network(x)[get_spec(name).output_index]
     for got, want in zip(run_file(engine.session, x[:1], x), (expected[:1], expected)):

@@ -49,13 +49,26 @@ def test_every_registered_model_builds_and_has_a_valid_spec(name):
 
 @pytest.fixture(scope="module")
 def cli_texts() -> dict[str, str]:
-    """What a user reads: `rmbg remove/eval/compare --help` and `rmbg models`, each run once."""
+    """What a user reads: `rmbg remove/eval/compare --help` and `rmbg models`, each run once, in this
+    process (the installed console script runs as a subprocess in test_cli.py)."""
+    import contextlib
+    import io
+    import os
+
+    from rmbg_demo.cli import main
+
     texts = {}
-    for command in (["remove", "--help"], ["eval", "--help"], ["compare", "--help"], ["models"]):
-        run = subprocess.run([sys.executable, "-m", "rmbg_demo", *command], capture_output=True, text=True,
-                             env=hermetic_env(COLUMNS="400"))
-        assert run.returncode == 0, run.stderr
-        texts[command[0]] = run.stdout
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(os.environ, "COLUMNS", "400")  # argparse wraps help at the terminal's width
+        for command in (["remove", "--help"], ["eval", "--help"], ["compare", "--help"], ["models"]):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                try:
+                    code = main(command)
+                except SystemExit as exc:  # --help
+                    code = exc.code
+            assert code == 0, command
+            texts[command[0]] = out.getvalue()
     return texts
 
 
