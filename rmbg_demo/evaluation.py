@@ -91,14 +91,16 @@ class EvalReport:
 def evaluate(images_dir, masks_dir, models: list[str], *, device="auto", dtype="auto", weights=None,
              progress=None, batch_size: int = 1, input_size: tuple[int, int] | None = None) -> EvalReport:
     """Each model's masks for the images that have a true mask, scored per image and over the set.
-    An image that cannot be read (or a failed batch) is listed in `report.errors`, not scored."""
+    An image that cannot be read (or a failed batch) is listed in `report.errors`, not scored.
+    `weights`: a file for the model, when there is one (ValueError with several: which model's?)."""
     from .pipeline import RemovalPipeline
 
+    if weights is not None and len(models) != 1:
+        raise ValueError(f"weights are for one model; {len(models)} were given")
     pairs, lonely_images, lonely_masks = match_pairs(images_dir, masks_dir)
     report = EvalReport(unmatched_images=lonely_images, unmatched_masks=lonely_masks)
     for model in models:
-        pipeline = RemovalPipeline(model, weights if len(models) == 1 else None, device, dtype, batch_size=batch_size,
-                                   input_size=input_size)
+        pipeline = RemovalPipeline(model, weights, device, dtype, batch_size=batch_size, input_size=input_size)
         dataset, seconds = MetricSet(), []
         outcomes = pipeline.iter_results(image for image, _ in pairs)
         if progress:

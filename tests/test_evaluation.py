@@ -9,7 +9,14 @@ import pytest
 from helpers import ASSETS, LITE_256_PLUGIN, hermetic_env, run_with_lite_256
 from PIL import Image, ImageDraw, ImageFont
 
-from rmbg_demo.evaluation import BUILTIN_BENCHMARK, checkerboard, compare_collage, image_metrics, match_pairs
+from rmbg_demo.evaluation import (
+    BUILTIN_BENCHMARK,
+    checkerboard,
+    compare_collage,
+    evaluate,
+    image_metrics,
+    match_pairs,
+)
 
 
 def rmbg(*args, timeout=300):
@@ -183,6 +190,12 @@ def test_weights_with_several_models_is_refused_not_ignored(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_code:
             main([*command, "--model", "u2netp", "--model", "rmbg-2.0", "--weights", str(tmp_path / "w.pth")])
         assert exit_code.value.code == 2 and "--weights is for one --model" in capsys.readouterr().err
+    # The library says so too (it used to drop the file silently and score the hub's weights).
+    for library_call in (lambda: evaluate(tmp_path, tmp_path, ["u2netp", "rmbg-2.0"], weights=tmp_path / "w.pth"),
+                         lambda: compare_collage([ASSETS / "chelsea.jpg"], ["u2netp", "rmbg-2.0"],
+                                                 weights=tmp_path / "w.pth")):
+        with pytest.raises(ValueError, match="weights are for one model"):
+            library_call()
 
 
 def test_compare_collage_shows_two_models_cutouts_on_a_checkerboard(tmp_path, lite_weights_file, lite_fixture_model):
