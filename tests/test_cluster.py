@@ -63,9 +63,10 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray(s3_server):
-    """One local Ray for the session (started after the S3 environment is set, so workers inherit it)."""
+    """One local Ray for this file (started after the S3 environment is set, so workers inherit it), shut
+    down after it: an idle Ray's processes would otherwise share the two cores with every later test."""
     if ray.is_initialized():
         ray.shutdown()
     connect(None, num_cpus=2, quiet=True)

@@ -25,11 +25,11 @@ MAX_BATCH = 4
 MAX_QUEUED = 16  # waiting at the proxy, beyond 2 * MAX_BATCH at the replica: room for the 8 clients, not for 48
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def serve_ray():
-    started = connect(None, num_cpus=2, quiet=True)  # or the session's Ray from test_cluster.py
+    started = connect(None, num_cpus=2, quiet=True)  # (or a Ray already running in this process)
     yield
-    if started:
+    if started:  # the Serve controller and proxy keep working while idle: not beyond this file
         ray.shutdown()
 
 
