@@ -53,13 +53,12 @@ def cli_texts() -> dict[str, str]:
     process (the installed console script runs as a subprocess in test_cli.py)."""
     import contextlib
     import io
-    import os
 
     from rmbg_demo.cli import main
 
     texts = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(os.environ, "COLUMNS", "400")  # argparse wraps help at the terminal's width
+        patch.setenv("COLUMNS", "400")  # argparse wraps help at the terminal's width
         for command in (["remove", "--help"], ["eval", "--help"], ["compare", "--help"], ["models"]):
             out = io.StringIO()
             with contextlib.redirect_stdout(out):

@@ -173,7 +173,7 @@ def image_to_patch_channels(image: torch.Tensor, size) -> torch.Tensor:
     the `ipt_blk*` weights are tied to it.
     """
     c, height, width = fixed_sizes(image, 1, 2, 3)
-    h, w = (int(s) for s in size)
+    h, w = size
     gh, gw = height // h, width // w
     tiles = image[..., : gh * h, : gw * w].reshape(-1, c, gh, h, gw, w)
     return tiles.permute(0, 4, 2, 1, 3, 5).reshape(-1, c * gh * gw, h, w)
