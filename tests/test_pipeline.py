@@ -10,6 +10,8 @@ from torchvision import transforms
 
 from rmbg_demo.pipeline import RemovalPipeline, choose_model, get_pipeline, remove
 
+PHOTOS = [ASSETS / name for name in ("coffee.jpg", "chelsea.jpg", "astronaut.jpg")]
+
 
 @pytest.fixture(scope="module")
 def u2netp():
@@ -92,18 +94,59 @@ def test_auto_precision_on_this_cpu(lite_fixture_model):
     assert f"torch on cpu ({str(expected).replace('torch.', '')})" in pipeline.describe()
 
 
-def test_bfloat16_masks_stay_within_2_of_float32(lite_fixture_model):
-    # Asked for explicitly, so it runs on CPUs without native bf16 too (emulated, slowly: lite at 256x256).
+def test_bfloat16_masks_stay_within_3_of_float32_and_almost_all_within_2(lite_fixture_model):
+    # Asked for explicitly, so it runs on CPUs without native bf16 too (there in float32 arithmetic, below).
+    # bfloat16's 8-bit mantissa moves a few pixels of the fixture's masks by 3/255 at 128-384 (at most 4
+    # of 100,000+ per photo, by summation order alone); the mean stays near 0.2/255.
     import copy
+
+    from rmbg_demo.engines.pytorch import cpu_has_fast_bfloat16
 
     masks = {}
     for dtype in ("float32", "bfloat16"):
         pipeline = RemovalPipeline("birefnet-lite", network=copy.deepcopy(lite_fixture_model), device="cpu",
                                    dtype=dtype, input_size=(256, 256))
         assert pipeline.engine.dtype == getattr(torch, dtype)
-        masks[dtype] = np.asarray(pipeline(ASSETS / "coffee.jpg").mask, dtype=int)
-    assert masks["float32"].std() > 4, "the fixture weights must give a mask with structure to compare"
-    assert np.abs(masks["bfloat16"] - masks["float32"]).max() <= 2
+        masks[dtype] = [np.asarray(result.mask, dtype=int) for result in pipeline.process(PHOTOS)]
+    arithmetic = "" if cpu_has_fast_bfloat16() else ", float32 arithmetic"
+    assert f"torch on cpu (bfloat16{arithmetic})" in pipeline.describe()
+    for name, half, full in zip(PHOTOS, masks["bfloat16"], masks["float32"]):
+        assert full.std() > 4, "the fixture weights must give a mask with structure to compare"
+        gap = np.abs(half - full)
+        assert gap.max() <= 3 and (gap > 2).mean() < 1e-4 and gap.mean() < 0.3, (name, gap.max(), gap.mean())
+
+
+def test_bfloat16_without_native_support_rounds_float32_arithmetic_to_bfloat16():
+    """On CPUs without native bf16, convolutions and Linear layers take the bf16 values, compute in
+    float32 (as bf16 hardware accumulates) and round to bf16: not PyTorch's reference kernel, 40x slower."""
+    from rmbg_demo.engines.pytorch import TorchEngine, cpu_has_fast_bfloat16
+
+    class ConvLinearConv(torch.nn.Sequential):
+        def forward(self, x):
+            return [super().forward(x)]  # a list of maps, as our networks answer
+
+    torch.manual_seed(0)
+    network = ConvLinearConv(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.Flatten(2),
+                             torch.nn.Linear(16 * 16, 16 * 16), torch.nn.Unflatten(2, (16, 16)),
+                             torch.nn.Conv2d(64, 1, 3, padding=1))
+    engine = TorchEngine(network, device="cpu", dtype="bfloat16")
+    assert engine.float32_arithmetic == (not cpu_has_fast_bfloat16())
+    if not engine.float32_arithmetic:
+        return  # native bf16: PyTorch's own kernels, and the mask test above holds them to 2/255
+    x = torch.rand(2, 3, 16, 16)
+    expected = x.bfloat16()
+    for layer in network:  # (the engine cast the network to bfloat16 in place)
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            expected = layer.float()(expected.float()).bfloat16()
+            layer.bfloat16()
+        else:
+            expected = layer(expected)
+    got = engine(x)
+    assert torch.equal(got, expected.float().sigmoid())
+    # The bf16 reference kernel rounds differently, so this would fail without the float32 arithmetic.
+    with torch.inference_mode():
+        assert not torch.equal(network(x.bfloat16())[0].float().sigmoid(), got)
+    assert not torch._C._is_torch_function_mode_enabled()  # the mode ended with the forward pass
 
 
 def test_int8_linear_layers_keep_masks_within_4_of_float32(lite_fixture_model):

@@ -1,11 +1,14 @@
 """The PyTorch engine: our networks on a CPU, CUDA or MPS device, in the precision that suits it."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..models import Activation
 from ..processing import activate
@@ -41,8 +44,8 @@ def cpu_has_fast_bfloat16() -> bool:
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """'auto': float16 on CUDA, bfloat16 on CPUs with native bf16, else float32.
 
-    Both half types keep masks within 2/255 of float32 (tests/test_pipeline.py); the
-    deformable convolutions still compute in float32."""
+    Both half types keep masks within 2/255 of float32 with RMBG-2.0's weights at 1024 (bench/RESULTS.md),
+    within 3/255 with the tests' fixture weights; the deformable convolutions compute in float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == INT8:  # int8 weights, float32 everything else
@@ -55,6 +58,26 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
         return DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(DTYPE_CHOICES)}") from None
+
+
+class Float32Arithmetic(TorchFunctionMode):
+    """bfloat16 convolutions and Linear layers computed in float32 from the same bfloat16 values,
+    the result rounded back to bfloat16: what native bf16 hardware does (bf16 products are exact in
+    float32, and sums accumulate in float32). On CPUs without native bf16, PyTorch's own bf16
+    convolution is its reference kernel: 33 s instead of 0.8 s for BiRefNet lite at 256x256 here.
+    A torch function mode is per thread, so other threads' computations are untouched."""
+
+    FUNCTIONS = (F.conv2d, F.linear)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FUNCTIONS and args[0].dtype == torch.bfloat16 and args[0].device.type == "cpu":
+            def widen(value):
+                return value.float() if isinstance(value, torch.Tensor) else value
+
+            widened = func(*map(widen, args), **{name: widen(value) for name, value in kwargs.items()})
+            return widened.to(torch.bfloat16)
+        return func(*args, **kwargs)
 
 
 def configure_torch(device: str | torch.device | None = "auto") -> None:
@@ -101,6 +124,9 @@ class TorchEngine:
         self.network = network.to(device=self.torch_device, dtype=self.dtype).eval()
         if self.int8:
             self.network = int8_linear(self.network)
+        # An explicit bfloat16 on a CPU without native bf16 (`auto` picks float32 there).
+        self.float32_arithmetic = (self.dtype == torch.bfloat16 and self.torch_device.type == "cpu"
+                                   and not cpu_has_fast_bfloat16())
         self.output_index = output_index
         self.activation = Activation(activation)
         self.compiled_batch_sizes: tuple[int, ...] = ()
@@ -108,6 +134,8 @@ class TorchEngine:
 
     def describe(self) -> str:
         dtype = "int8 Linear + float32" if self.int8 else str(self.dtype).replace("torch.", "")
+        if self.float32_arithmetic:
+            dtype += ", float32 arithmetic"
         compiled = ", compiled" if self.compiled_batch_sizes else ""
         return f"torch on {self.torch_device.type} ({dtype}{compiled})"
 
@@ -142,7 +170,8 @@ class TorchEngine:
         network_input = batch.to(device=self.torch_device, dtype=self.dtype)
         if self.compiled_batch_sizes:
             network_input = self.padded(network_input)
-        raw = self.network(network_input)[self.output_index][:len(batch)]
+        with Float32Arithmetic() if self.float32_arithmetic else contextlib.nullcontext():
+            raw = self.network(network_input)[self.output_index][:len(batch)]
         return activate(raw, self.activation).cpu()
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
