@@ -2,6 +2,9 @@
 local HTTP servers. Fixtures that use them live in conftest.py."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
 import struct
@@ -125,6 +128,31 @@ def run_with_lite_256(folder: Path, *args, env=None) -> subprocess.CompletedProc
     code = f"import sys, lite256\nfrom rmbg_demo.cli import main\nsys.exit(main({[str(a) for a in args]!r}))"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env=hermetic_env(PYTHONPATH=f"{folder}:{ROOT}", **(env or {})))
+
+
+def rmbg_in_process(*args) -> subprocess.CompletedProcess:
+    """`rmbg ARGS` through the CLI's own `main` in this (hermetic) process: the same parsing, files,
+    messages and exit code as the command, without starting an interpreter and importing torch
+    (4-5 s a run here). Tests about the process itself (the console script, an uncaught failure,
+    environment read at import) run a subprocess instead."""
+    from rmbg_demo.cli import main
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers.clear()  # pytest's handlers would swallow what the CLI's basicConfig sends to stderr
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(arg) for arg in args])
+            except SystemExit as exit_:  # argparse's usage errors
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["rmbg", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 class CountingHub:

@@ -1,4 +1,7 @@
-"""The `remove` command as a user types it: real files in, real files out, bad files reported."""
+"""The `remove` command as a user types it: real files in, real files out, bad files reported.
+
+The command runs through the CLI's own `main` in this process (helpers.rmbg_in_process); one test runs
+`python -m rmbg_demo`, one the installed `rmbg` script, one a subprocess with a plug-in model."""
 import hashlib
 import shutil
 import subprocess
@@ -7,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ASSETS, hermetic_env, run_with_lite_256
+from helpers import ASSETS, hermetic_env, rmbg_in_process, run_with_lite_256
 from PIL import Image
 
 from rmbg_demo.compose import cutout, refine_cutout, replace_background
@@ -15,10 +18,14 @@ from rmbg_demo.compose import cutout, refine_cutout, replace_background
 PHOTOS = ["chelsea.jpg", "coffee.jpg", "astronaut.jpg"]
 
 
-def rmbg(*args, cwd=None, env=None):
-    """`rmbg ARGS` as a user runs it, with no weights, token or hub of the developer's (helpers.hermetic_env)."""
+def rmbg_process(*args):
+    """`python -m rmbg_demo ARGS` as a user runs it, with no weights, token or hub of the developer's
+    (helpers.hermetic_env)."""
     return subprocess.run([sys.executable, "-m", "rmbg_demo", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300, env=hermetic_env(**(env or {})))
+                          timeout=300, env=hermetic_env())
+
+
+rmbg = rmbg_in_process  # the command's behaviour; the tests of the process itself use rmbg_process
 
 
 @pytest.fixture
@@ -39,7 +46,7 @@ def test_batch_with_bad_files_writes_the_good_ones_and_fails(photos, tmp_path):
     (photos / "cut.png").write_bytes((ASSETS / "horse_mask.png").read_bytes()[:300])
     before = digest(photos)
     out = tmp_path / "out"
-    run = rmbg("remove", photos / "chelsea.jpg", photos / "notes.jpg", photos / "cut.png", photos / "coffee.jpg",
+    run = rmbg_process("remove", photos / "chelsea.jpg", photos / "notes.jpg", photos / "cut.png", photos / "coffee.jpg",
                photos / "astronaut.jpg", "-o", out, "--model", "u2netp", "--device", "cpu", "--dtype", "float32",
                "--batch-size", "2", "--mask", "--format", "png")
     assert run.returncode == 1, run.stderr

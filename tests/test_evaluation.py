@@ -1,12 +1,10 @@
 """Metrics on masks whose scores are known, the eval/make-benchmark/compare commands on real files."""
 import csv
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
-from helpers import ASSETS, LITE_256_PLUGIN, hermetic_env, run_with_lite_256
+from helpers import ASSETS, LITE_256_PLUGIN, rmbg_in_process, run_with_lite_256
 from PIL import Image, ImageDraw, ImageFont
 
 from rmbg_demo.evaluation import (
@@ -18,11 +16,7 @@ from rmbg_demo.evaluation import (
     match_pairs,
 )
 
-
-def rmbg(*args, timeout=300):
-    """`rmbg ARGS` as a user runs it, hermetic (no weights, token or hub of the developer's)."""
-    return subprocess.run([sys.executable, "-m", "rmbg_demo", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=hermetic_env())
+rmbg = rmbg_in_process  # the commands as they run, in this hermetic process (helpers.rmbg_in_process)
 
 
 @pytest.fixture(scope="module")

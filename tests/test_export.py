@@ -286,27 +286,20 @@ def test_bad_files_give_clear_errors(tmp_path):
 def test_cli_runs_an_exported_file_like_the_pytorch_weights(exported, rmbg14_fixture_model, tmp_path):
     """`rmbg remove photo --weights model.onnx`: the file says which model and size it is; the mask is the
     PyTorch path's within 2/255."""
-    import subprocess
-    import sys
-
-    from helpers import hermetic_env
+    from helpers import rmbg_in_process
     from safetensors.torch import save_file
 
     report, _ = exported("rmbg-1.4")
     checkpoint = tmp_path / "rmbg14.safetensors"
     save_file(rmbg14_fixture_model.state_dict(), str(checkpoint))
     masks = {}
-    for kind, extra in (("onnx", ["--weights", str(report.path)]),
-                        ("torch", ["--model", "rmbg-1.4", "--weights", str(checkpoint), "--size", str(SIZE),
-                                   "--dtype", "float32"])):
-        run = subprocess.run([sys.executable, "-m", "rmbg_demo", "remove", str(ASSETS / "chelsea.jpg"), "-o",
-                              str(tmp_path / kind), "--mask", "-q", *extra], capture_output=True, text=True,
-                             env=hermetic_env(), timeout=300)
+    for kind, extra in (("onnx", ["--weights", report.path]),
+                        ("torch", ["--model", "rmbg-1.4", "--weights", checkpoint, "--size", SIZE, "--dtype", "float32"])):
+        run = rmbg_in_process("remove", ASSETS / "chelsea.jpg", "-o", tmp_path / kind, "--mask", "-q", *extra)
         assert run.returncode == 0, run.stderr
         assert f"[rmbg-1.4] at {SIZE}x{SIZE}, {'rmbg-1.4 (' if kind == 'onnx' else 'torch'}" in run.stderr
         masks[kind] = np.asarray(Image.open(tmp_path / kind / "chelsea_mask.png"), dtype=int)
     assert np.abs(masks["onnx"] - masks["torch"]).max() <= 2
-    run = subprocess.run([sys.executable, "-m", "rmbg_demo", "remove", str(ASSETS / "chelsea.jpg"), "-o",
-                          str(tmp_path / "wrong"), "--model", "rmbg-2.0", "--weights", str(report.path)],
-                         capture_output=True, text=True, env=hermetic_env(), timeout=300)
+    run = rmbg_in_process("remove", ASSETS / "chelsea.jpg", "-o", tmp_path / "wrong", "--model", "rmbg-2.0",
+                          "--weights", report.path)
     assert run.returncode == 2 and "is an export of rmbg-1.4, not rmbg-2.0" in run.stderr
