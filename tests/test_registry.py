@@ -136,13 +136,15 @@ def run_with_plugin(plugin, code: str):
 
 
 def test_models_registered_by_a_plugin_list_and_run_in_the_cli(plugin, tmp_path):
-    listing = run_with_plugin(plugin, "from rmbg_demo.cli import main; main(['models'])")
-    assert "my-onnx " in listing.stdout and "my-lite " in listing.stdout, listing.stderr
+    # One interpreter for the three commands (each start imports torch: 4-5 s here).
+    commands = [["models"]] + [["remove", str(ASSETS / "chelsea.jpg"), "-o", str(tmp_path / name), "--model", name,
+                                "--mask", "-q"] for name in ("my-onnx", "my-lite")]
+    run = run_with_plugin(plugin, "import sys; from rmbg_demo.cli import main\n"
+                                  f"for command in {commands!r}:\n"
+                                  "    print('exit', main(command), file=sys.stderr, flush=True)")
+    assert run.stderr.count("exit 0") == 3, run.stderr
+    assert "my-onnx " in run.stdout and "my-lite " in run.stdout, run.stdout
     for name in ("my-onnx", "my-lite"):
-        run = run_with_plugin(plugin, f"import sys; from rmbg_demo.cli import main; sys.exit(main(['remove', "
-                                      f"'{ASSETS / 'chelsea.jpg'}', '-o', '{tmp_path / name}', '--model', '{name}', "
-                                      f"'--mask', '-q']))")
-        assert run.returncode == 0, run.stderr
         assert f"[{name}]" in run.stderr
         mask = np.asarray(Image.open(tmp_path / name / "chelsea_mask.png"))
         assert mask.shape == (300, 451) and mask.std() > 4
