@@ -39,8 +39,14 @@ def parse_args(argv=None):
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, parser = parse_args(argv)
+    from rmbg_demo.cluster.client import RemoteError, RemoteRemover
+
+    if args.backend:  # asked before Gradio is imported, so that a page without its service says so at once
+        try:
+            RemoteRemover(args.backend, timeout=30).models()
+        except RemoteError as exc:
+            parser.error(f"--backend: {exc} (start the service first: rmbg serve --host 0.0.0.0)")
     # Imported after parsing, so that --help answers at once.
-    from rmbg_demo.cluster.client import RemoteError
     from rmbg_demo.gradio_compat import guard_cache_cleaning
     from rmbg_demo.ui import DemoConfig, build_demo
 

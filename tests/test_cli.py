@@ -1,7 +1,7 @@
 """The `remove` command as a user types it: real files in, real files out, bad files reported.
 
 The command runs through the CLI's own `main` in this process (helpers.rmbg_in_process); one test runs
-`python -m rmbg_demo`, one the installed `rmbg` script, one a subprocess with a plug-in model."""
+`python -m rmbg_demo`, one the installed `rmbg` script."""
 import hashlib
 import shutil
 import subprocess
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ASSETS, hermetic_env, rmbg_in_process, run_with_lite_256
+from helpers import ASSETS, hermetic_env, rmbg_in_process
 from PIL import Image
 
 from rmbg_demo.compose import cutout, refine_cutout, replace_background
@@ -155,11 +155,17 @@ def test_blur_and_image_backgrounds_and_max_pixels(photos, tmp_path):
 
 
 def test_weights_file_and_compile(photos, tmp_path, lite_weights_file, lite_fixture_model):
-    run = run_with_lite_256(tmp_path, "remove", photos / "chelsea.jpg", photos / "coffee.jpg", "-o", tmp_path / "out",
-                             "--model", "lite-256", "--weights", lite_weights_file, "--compile", "eager",
-                             "--batch-size", "1", "--device", "cpu", "--dtype", "float32", "--mask", "-q")
-    assert run.returncode == 0, run.stderr  # (batch 1: one graph to capture; test_batching compiles several)
-    assert "[lite-256] at 256x256, torch on cpu (float32, compiled)" in run.stderr
+    import torch
+
+    torch._dynamo.reset()
+    try:  # (batch 1: one graph to capture; test_batching compiles several)
+        run = rmbg("remove", photos / "chelsea.jpg", photos / "coffee.jpg", "-o", tmp_path / "out", "--model",
+                   "birefnet-lite", "--size", "256", "--weights", lite_weights_file, "--compile", "eager",
+                   "--batch-size", "1", "--device", "cpu", "--dtype", "float32", "--mask", "-q")
+    finally:
+        torch._dynamo.reset()  # nothing compiled here stays in this process
+    assert run.returncode == 0, run.stderr
+    assert "[birefnet-lite] at 256x256, torch on cpu (float32, compiled)" in run.stderr
     from rmbg_demo.pipeline import RemovalPipeline
 
     pipeline = RemovalPipeline("birefnet-lite", network=lite_fixture_model, device="cpu", dtype="float32",

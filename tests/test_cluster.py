@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from helpers import free_port
+from helpers import free_port, rmbg_in_process
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
@@ -80,9 +80,9 @@ def ray_args(*argv):
     return args
 
 
-def plain_cli(*argv, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rmbg_demo", "remove", *map(str, argv)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd, check=False)
+def plain_cli(*argv):
+    """`rmbg remove ARGV` without --ray (helpers.rmbg_in_process: the command's own main, in this process)."""
+    return rmbg_in_process("remove", *argv)
 
 
 def pixels(path) -> np.ndarray:
