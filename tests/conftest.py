@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import LEAKY_VARIABLES, AppServer, ImageServer, fixture_model, hermetic_env
+from helpers import LEAKY_VARIABLES, AppServer, ImageServer, compiled_lite_app, fixture_model, hermetic_env
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,6 +35,26 @@ def lite_weights_file(lite_fixture_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "birefnet-lite.safetensors"
     save_file({k: v.clone() for k, v in lite_fixture_model.state_dict().items()}, str(path))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_servers(request, hermetic_process):
+    """Apps whose start-up is long single-threaded work (the compiled app: dynamo's capture, about 40 s)
+    start with the session when a selected test needs them, on the core the first tests leave idle;
+    the tests' fixtures wait for them then."""
+    early = {}
+    if any("compiled_app" in item.fixturenames for item in request.session.items):
+        folder = request.getfixturevalue("tmp_path_factory").mktemp("compiled-app")
+        early["compiled_app"] = compiled_lite_app(folder, request.getfixturevalue("lite_weights_file"))
+    yield early
+    for server in early.values():
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def compiled_app(early_servers) -> AppServer:
+    """The compiled app (helpers.compiled_lite_app), started; `.wait()` for it."""
+    return early_servers["compiled_app"]
 
 
 @pytest.fixture(scope="session")

@@ -155,6 +155,18 @@ def rmbg_in_process(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["rmbg", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
+def compiled_lite_app(folder: Path, weights: Path) -> AppServer:
+    """`python app.py --model lite-256 --weights FILE --compile eager --batch-size 2` (lite-256: a plug-in
+    model, BiRefNet lite at 256x256), started; `.wait()` for it. The "eager" backend runs dynamo's
+    capture without inductor's code generation (minutes per graph here)."""
+    (folder / "lite256.py").write_text(LITE_256_PLUGIN)
+    launcher = folder / "app_with_lite_256.py"
+    launcher.write_text(f"import runpy, sys\nimport lite256\nsys.argv[0] = {str(ROOT / 'app.py')!r}\n"
+                        f"runpy.run_path({str(ROOT / 'app.py')!r}, run_name='__main__')\n")
+    return AppServer("--model", "lite-256", "--weights", str(weights), "--device", "cpu", "--dtype", "float32",
+                     "--compile", "eager", "--batch-size", "2", env={"PYTHONPATH": f"{folder}:{ROOT}"}, script=launcher)
+
+
 class CountingHub:
     """A stand-in for the Hugging Face hub on 127.0.0.1 that answers 404 and counts requests:
     an app pointed at it (HF_ENDPOINT) that asks the hub anything shows up in `requests`; one

@@ -3,27 +3,19 @@ a real app and gradio_client; the Compare tab with two different models."""
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
-from helpers import ASSETS, LITE_256_PLUGIN, ROOT, AppServer
+from helpers import ASSETS
 from PIL import Image
 
 from rmbg_demo.pipeline import RemovalPipeline
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, lite_weights_file):
+def server(compiled_app):
     """The app with the plug-in model lite-256 (BiRefNet lite at 256x256: quick on a CPU) as its
     model, from a weights file, compiled with the "eager" backend (inductor takes minutes here) for the
-    batch sizes of --batch-size 2."""
-    folder = tmp_path_factory.mktemp("app-options")
-    (folder / "lite256.py").write_text(LITE_256_PLUGIN)
-    launcher = folder / "app_with_lite_256.py"
-    launcher.write_text(f"import runpy, sys\nimport lite256\nsys.argv[0] = {str(ROOT / 'app.py')!r}\n"
-                        f"runpy.run_path({str(ROOT / 'app.py')!r}, run_name='__main__')\n")
-    server = AppServer("--model", "lite-256", "--weights", str(lite_weights_file), "--device", "cpu", "--dtype",
-                       "float32", "--compile", "eager", "--batch-size", "2", env={"PYTHONPATH": f"{folder}:{ROOT}"},
-                       script=launcher).wait(timeout=600)
-    yield server
-    server.stop()
+    batch sizes of --batch-size 2; started with the session (conftest.early_servers)."""
+    yield compiled_app.wait(timeout=600)
+    compiled_app.stop()
 
 
 def test_the_app_runs_the_weights_file_compiled_on_the_device_and_dtype_asked(server, lite_fixture_model):
