@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from helpers import LEAKY_VARIABLES, AppServer, ImageServer, compiled_lite_app, fixture_model, hermetic_env
@@ -79,3 +81,62 @@ def restore_torch_settings():
     torch.set_float32_matmul_precision(saved[0])
     torch.backends.cudnn.benchmark = saved[1]
     torch.set_num_threads(saved[2])
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests on a local Ray (test_cluster.py's, then test_serve.py's) run one after another, so that one
+    Ray serves them all; it is shut down after the last of them (pytest_runtest_teardown)."""
+    on_ray = [item for item in items if "local_ray" in item.fixturenames]
+    if on_ray:
+        first = items.index(on_ray[0])
+        others = [item for item in items if "local_ray" not in item.fixturenames]
+        items[:] = others[:first] + on_ray + others[first:]
+    config.last_ray_test = on_ray[-1] if on_ray else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last test on Ray and its fixtures' teardown (Serve's included): an idle Ray's processes
+    (raylet, GCS, Serve's controller and proxy) would share the two cores with every later test."""
+    try:
+        return (yield)
+    finally:
+        if item is item.config.last_ray_test:
+            import ray
+
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 in server mode; its endpoint and fake credentials in the environment before Ray starts, so
+    pyarrow finds them in the driver and in every worker, as it would find a real store's."""
+    from helpers import free_port
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield f"http://127.0.0.1:{port}"
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3_server):
+    """One local Ray (2 CPUs) for the cluster and serve tests, started after the S3 environment is set so
+    that its workers inherit it."""
+    import ray
+
+    from rmbg_demo.cluster.runtime import connect
+
+    if ray.is_initialized():
+        ray.shutdown()
+    connect(None, num_cpus=2, quiet=True)
+    yield
+    ray.shutdown()

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
-from helpers import free_port, rmbg_in_process
-from moto.server import ThreadedMotoServer
+from helpers import rmbg_in_process
 from PIL import Image
 
 from rmbg_demo.cluster import manifest as manifest_module
 from rmbg_demo.cluster import storage
 from rmbg_demo.cluster.job import parse_workers, remove_parser, run_ray_job
 from rmbg_demo.cluster.job import split_ray_address as split_address
-from rmbg_demo.cluster.runtime import connect
 from rmbg_demo.pipeline import RemovalPipeline
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (240, 200, 30), (200, 60, 200), (30, 200, 210)]
@@ -44,34 +41,6 @@ def make_photos(folder: Path, count: int, prefix="p") -> list[Path]:
         photo(i).save(path, quality=95) if path.suffix == ".jpg" else photo(i).save(path)
         paths.append(path)
     return paths
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 in server mode; its endpoint and fake credentials in the environment before Ray starts, so
-    pyarrow finds them in the driver and in every worker, as it would find a real store's."""
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield f"http://127.0.0.1:{port}"
-    for key, value in saved.items():
-        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def local_ray(s3_server):
-    """One local Ray for this file (started after the S3 environment is set, so workers inherit it), shut
-    down after it: an idle Ray's processes would otherwise share the two cores with every later test."""
-    if ray.is_initialized():
-        ray.shutdown()
-    connect(None, num_cpus=2, quiet=True)
-    yield
-    ray.shutdown()
 
 
 def ray_args(*argv):

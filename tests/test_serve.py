@@ -8,14 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import ray
 from gradio_client import Client, handle_file
 from helpers import ASSETS, AppServer, bomb_png, free_port
 from PIL import Image
 from ray import serve
 
 from rmbg_demo.cluster.client import RemoteError, RemoteRemover
-from rmbg_demo.cluster.runtime import connect
 from rmbg_demo.cluster.serve import replica_options, start_service
 from rmbg_demo.cluster.serve_app import ServeSettings
 from rmbg_demo.compose import replace_background
@@ -26,15 +24,7 @@ MAX_QUEUED = 16  # waiting at the proxy, beyond 2 * MAX_BATCH at the replica: ro
 
 
 @pytest.fixture(scope="module")
-def serve_ray():
-    started = connect(None, num_cpus=2, quiet=True)  # (or a Ray already running in this process)
-    yield
-    if started:  # the Serve controller and proxy keep working while idle: not beyond this file
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def service(serve_ray):
+def service(local_ray):
     settings = ServeSettings(model="u2netp", max_batch=MAX_BATCH, max_bytes=MAX_BYTES, allow_private_urls=True)
     url = start_service(settings, port=free_port(), max_queued=MAX_QUEUED)
     yield url
