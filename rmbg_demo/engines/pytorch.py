@@ -71,7 +71,8 @@ class Float32Arithmetic(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.FUNCTIONS and args[0].dtype == torch.bfloat16 and args[0].device.type == "cpu":
+        x = args[0] if args else kwargs.get("input")
+        if func in self.FUNCTIONS and isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 and x.is_cpu:
             def widen(value):
                 return value.float() if isinstance(value, torch.Tensor) else value
 
