@@ -130,7 +130,7 @@ def s3_server():
 @pytest.fixture(scope="session")
 def local_ray(s3_server):
     """One local Ray (2 CPUs) for the cluster and serve tests, started after the S3 environment is set so
-    that its workers inherit it."""
+    that its workers inherit it; pytest_runtest_teardown shuts it down after the last of those tests."""
     import ray
 
     from rmbg_demo.cluster.runtime import connect
@@ -138,5 +138,3 @@ def local_ray(s3_server):
     if ray.is_initialized():
         ray.shutdown()
     connect(None, num_cpus=2, quiet=True)
-    yield
-    ray.shutdown()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from helpers import ASSETS, ROOT, AppServer, fixture_model, hermetic_env, parity
+from helpers import ASSETS, ROOT, AppServer, fixture_model, hermetic_env, parity, rmbg_in_process
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -51,23 +51,13 @@ def test_every_registered_model_builds_and_has_a_valid_spec(name):
 def cli_texts() -> dict[str, str]:
     """What a user reads: `rmbg remove/eval/compare --help` and `rmbg models`, each run once, in this
     process (the installed console script runs as a subprocess in test_cli.py)."""
-    import contextlib
-    import io
-
-    from rmbg_demo.cli import main
-
     texts = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COLUMNS", "400")  # argparse wraps help at the terminal's width
         for command in (["remove", "--help"], ["eval", "--help"], ["compare", "--help"], ["models"]):
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                try:
-                    code = main(command)
-                except SystemExit as exc:  # --help
-                    code = exc.code
-            assert code == 0, command
-            texts[command[0]] = out.getvalue()
+            run = rmbg_in_process(*command)
+            assert run.returncode == 0, (command, run.stderr)
+            texts[command[0]] = run.stdout
     return texts
 
 
