@@ -1,0 +1,52 @@
+"""Command-line arguments shared by `rmbg` and `app.py`: which model, which weights, where and how it
+runs. Choices come from the model registry; values are parsed by `rmbg_demo.request`."""
+from __future__ import annotations
+
+import argparse
+
+from .engines import DTYPE_CHOICES
+from .models import model_names
+from .request import parse_network_size
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool = False) -> None:
+    """--model, --weights, --device, --dtype. With `repeatable`, --model may be given several times."""
+    if repeatable:
+        parser.add_argument("--model", action="append", required=True, choices=model_names(),
+                            help="repeat to compare models")
+    else:
+        parser.add_argument("--model", default="auto", choices=["auto", *model_names()],
+                            help="auto: rmbg-2.0 when its weights are on this machine, else the embedded u2netp")
+    parser.add_argument("--weights", metavar="FILE",
+                        help="weights: a .safetensors/.pth/.bin file or a folder (PyTorch), or an .onnx file "
+                             "(ONNX Runtime)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_CHOICES],
+                        help="auto: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32; int8: the "
+                             "Linear layers in int8 on the CPU (faster, masks within a few 255ths: see the README)")
+
+
+def size_argument(text: str):
+    """argparse's type for --size: a NetworkSize, or None for 'auto'."""
+    try:
+        return parse_network_size(text, "--size")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def size_text(text: str) -> str:
+    """`text` itself once it parses as a size ("auto" too): for settings kept as text, like the page's."""
+    size_argument(text)
+    return text
+
+
+def add_size_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=size_argument, metavar="N|WxH",
+                        help="the network's input resolution (default: the model's own, 1024 for RMBG-2.0); "
+                             "smaller is faster and coarser")
+
+
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                        help="torch.compile the network (default backend: inductor), warmed up before the first "
+                             "image; pays off on a GPU, not on the CPU")
