@@ -4,9 +4,9 @@ import argparse
 import logging
 import os
 
+from rmbg_demo.arguments import add_compile_argument, add_model_arguments, size_text
 from rmbg_demo.engines import configure_torch
 from rmbg_demo.fetch import allow_private_default
-from rmbg_demo.options import add_compile_argument, add_model_arguments, size_text
 
 
 def parse_args(argv=None):
@@ -39,7 +39,7 @@ def parse_args(argv=None):
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, parser = parse_args(argv)
-    from rmbg_demo.cluster.client import RemoteError, RemoteRemover
+    from rmbg_demo.client import RemoteError, RemoteRemover
 
     if args.backend:  # asked before Gradio is imported, so that a page without its service says so at once
         try:

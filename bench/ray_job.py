@@ -33,8 +33,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's rmbg_demo, not another installed copy
 CARD_MS_A100 = 69.4  # BiRefNet Swin-L, fp16, batch 1, 1024x1024 on an A100 (RMBG-2.0 / BiRefNet model card)
-RAY_JOB = ("import sys; from rmbg_demo.cluster.job import remove_parser, run_ray_job; "
-           "sys.exit(run_ray_job(remove_parser().parse_args(sys.argv[1:])))")
+RAY_JOB = "import sys; from rmbg_demo.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def make_images(folder: Path, count: int, size=(160, 120)) -> None:

@@ -29,7 +29,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool = F
 def size_argument(text: str):
     """argparse's type for --size: a NetworkSize, or None for 'auto'."""
     try:
-        return parse_network_size(text, "--size")
+        return parse_network_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

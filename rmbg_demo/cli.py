@@ -3,22 +3,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .cluster.manifest import ManifestRecord, ManifestWriter
-from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, encode_image, image_files, write_atomic
+from . import storage
+from .arguments import add_compile_argument, add_model_arguments, add_size_argument
+from .atomic import write_atomic
+from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, encode_image
+from .manifest import ManifestRecord, ManifestWriter
 from .models import REGISTRY, model_names, torch_model_names
-from .options import add_compile_argument, add_model_arguments, add_size_argument
+from .outputs import BatchRun, Job, plan_outputs, skipped_record
+from .request import RemovalOptions, encoded_outputs
 
 log = logging.getLogger("rmbg_demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .video import FORMATS as VIDEO_FORMATS
+
     parser = argparse.ArgumentParser(prog="rmbg", description="Remove image backgrounds with RMBG-2.0 and friends.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -45,11 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--manifest", metavar="FILE",
                         help="JSON Lines, one record per input: input, outputs, model, width, height, seconds, error "
                              "(with --ray always written, by default to OUT/manifest.jsonl)")
-    from .cluster import add_ray_arguments, add_serve_parser
-
     add_ray_arguments(remove)
     video = remove.add_argument_group("video", "clips (recognised by their content) in the inputs")
-    video.add_argument("--video-format", choices=["webm", "mov", "png", "mp4"], default="webm",
+    video.add_argument("--video-format", choices=list(VIDEO_FORMATS), default="webm",
                        help="webm: VP9 with alpha (default); mov: ProRes 4444 with alpha; png: a folder of RGBA "
                             "frames; with --background the result is an H.264 mp4")
     video.add_argument("--smooth", action="store_true", help="steady edges: temporal smoothing that follows motion")
@@ -94,198 +98,168 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass
-class Job:
-    source: Path
-    outputs: dict[str, Path] = field(default_factory=dict)  # "image"/"video"/"frames"/"mask" -> path
-    video: bool = False
+def add_ray_arguments(parser) -> None:
+    """--ray, --workers, --gpus-per-worker on `rmbg remove`."""
+    group = parser.add_argument_group("cluster (Ray Data)")
+    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run as a Ray Data job: on RAY_ADDRESS if set, else on a local Ray started here; "
+                            "or at ADDRESS ('auto', 'ray://HOST:10001', 'HOST:6379')")
+    group.add_argument("--workers", default=None, metavar="N|MIN,MAX",
+                       help="model actors: a fixed N, or MIN,MAX to autoscale (default: one per GPU, else 1)")
+    group.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                       help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
 
 
-def list_sources(args) -> tuple[list[Path], list[str]]:
-    """Files, folders (-r) and globs -> the files to process (images and videos), and errors."""
-    from .video import VIDEO_EXTENSIONS
-
-    errors: list[str] = []
-    sources: list[Path] = []
-    for pattern in args.inputs:
-        try:
-            found = image_files([pattern], recursive=args.recursive, extensions=IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
-            sources += [p for p in found if p not in sources]
-        except FileNotFoundError as exc:
-            errors.append(f"{pattern}: {exc}")
-    return sources, errors
-
-
-def job_for(source: Path, args, background) -> Job:
-    """Videos are told apart by their content (a clip renamed .jpg is still a clip); files with an
-    image extension are left to the image decoder, which says what is wrong with them."""
-    from .video import is_video, output_paths
-
-    if source.suffix.lower() not in IMAGE_EXTENSIONS and is_video(source):
-        return Job(source, output_paths(source, args.output, fmt=args.video_format, background=background,
-                                        mask=args.mask), video=True)
-    ext = FORMAT_EXTENSIONS[args.format]
-    job = Job(source, {"image": args.output / f"{source.stem}{ext}"})
-    if args.mask:
-        job.outputs["mask"] = args.output / f"{source.stem}_mask{ext}"
-    return job
+def add_serve_parser(subparsers):
+    serve = subparsers.add_parser("serve", help="an HTTP service on Ray Serve (POST /remove)",
+                                  description="Runs until Ctrl-C. Needs: pip install 'rmbg-demo[ray]'")
+    serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="the Ray cluster (default: RAY_ADDRESS, else a local Ray started here)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    add_model_arguments(serve)  # --model, --weights (a path every node sees), --device, --dtype
+    serve.add_argument("--replicas", default="1", metavar="N|auto",
+                       help="replicas of the model; auto: 1 to one per GPU (or 4), by requests in flight")
+    serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests that share a network batch")
+    serve.add_argument("--max-queued", type=int, default=64, metavar="N",
+                       help="requests waiting per deployment beyond those being served; more get 503")
+    serve.add_argument("--max-upload-mb", type=float, default=25.0, help="bigger bodies get 413")
+    serve.add_argument("--allow-private-urls", action="store_true",
+                       help="let {\"url\": ...} bodies reach private and loopback addresses")
+    return serve
 
 
-def plan_jobs(args, background=None) -> tuple[list[Job], list[str], list[Job]]:
-    """Inputs -> jobs with their output paths; returns (jobs, errors, jobs skipped: outputs exist)."""
-    sources, errors = list_sources(args)
-    jobs, taken, skipped = [], {}, []
-    inputs = {p.resolve() for p in sources}
-    for source in sources:
-        try:
-            job = job_for(source, args, background)
-        except ValueError as exc:  # e.g. an mp4 without a background for a clip
-            errors.append(f"{source}: {exc}")
-            continue
-        problem = output_problem(job, taken, inputs)
-        if problem:
-            errors.append(f"{source}: {problem}")
-            continue
-        if not args.overwrite and all(p.exists() for p in job.outputs.values()):
-            skipped.append(job)
-            continue
-        taken.update({p.resolve(): source for p in job.outputs.values()})
-        jobs.append(job)
-    return jobs, errors, skipped
+_RAY_ADDRESS = re.compile(r"^(auto|local|[a-z][a-z0-9+.-]*://.*|[\w.-]+:\d+)$")
 
 
-def output_problem(job: Job, taken: dict, inputs: set) -> str | None:
-    for path in job.outputs.values():
-        resolved = path.resolve()
-        if resolved in inputs:
-            return f"its output {path} would overwrite an input; choose another -o folder"
-        if resolved in taken:
-            return f"its output {path} is also the output of {taken[resolved]} (same name); rename one"
-    return None
+def split_ray_address(args) -> None:
+    """`--ray` takes an optional value, so `rmbg remove --ray photo.jpg -o out` would read the photo as the
+    address: a value that is no address is given back to the inputs."""
+    value = getattr(args, "ray", None)
+    if value and not _RAY_ADDRESS.match(value):
+        args.inputs = [value, *args.inputs]
+        args.ray = ""
 
 
 def run_remove(args) -> int:
+    split_ray_address(args)
+    options = RemovalOptions.from_args(args)  # OptionError (a ValueError): exit 2 before any work
+    run = BatchRun.from_args(args)
     if args.ray is not None:
-        from .cluster import run_ray_job
-        from .cluster.job import split_ray_address
+        from .cluster.job import RaySettings, run_ray_job
 
-        split_ray_address(args)
-        return run_ray_job(args)
-    args.output = Path(args.output)
-    manifest = ManifestWriter(args.manifest) if args.manifest else None
+        return run_ray_job(run, options, RaySettings(args.ray, args.workers, args.gpus_per_worker))
+    manifest = ManifestWriter(run.manifest) if run.manifest else None
     try:
-        return remove_here(args, manifest)
+        return remove_here(run, options, manifest)
     finally:
         if manifest:
             manifest.close()
 
 
-def remove_here(args, manifest) -> int:
+def outputs_for(run: BatchRun):
+    """The planner's hook for clips: told apart by their content (a clip renamed .jpg is still a clip);
+    files with an image extension are left to the image decoder, which says what is wrong with them."""
+    from .video import is_video, output_paths
+
+    def outputs(source: str, out: str, options: RemovalOptions) -> tuple[dict[str, str], bool]:
+        from .outputs import image_outputs
+
+        if Path(source).suffix.lower() not in IMAGE_EXTENSIONS and is_video(source):
+            paths = output_paths(source, out, fmt=run.video_format, background=options.background.value,
+                                 mask=options.mask)
+            return {kind: str(path) for kind, path in paths.items()}, True
+        return image_outputs(source, out, options), False
+
+    return outputs
+
+
+def remove_here(run: BatchRun, options: RemovalOptions, manifest) -> int:
     """`rmbg remove` in this process."""
     from .pipeline import RemovalPipeline
+    from .video import VIDEO_EXTENSIONS
     from .weights import WeightsError
 
-    background = resolve_background(args.background)
-    jobs, errors, skipped = plan_jobs(args, background)
-    for message in errors:
+    plan = plan_outputs(run, options, outputs_for=outputs_for(run), extensions=IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
+    errors = [f"{failed.input}: {failed.error}" for failed in plan.failed]
+    for failed, message in zip(plan.failed, errors):
         print(f"error: {message}", file=sys.stderr)
-        record(manifest, message.split(": ", 1)[0], error=message.split(": ", 1)[-1])
-    for job in skipped:
-        record(manifest, job.source, job.outputs, skipped=True)
+        record(manifest, failed)
+    for job in plan.skipped:
+        record(manifest, skipped_record(job))
     written = 0
-    if jobs:
+    if plan.jobs:
         try:
-            pipeline = RemovalPipeline(args.model, args.weights, args.device, args.dtype, batch_size=args.batch_size,
-                                       max_pixels=args.max_pixels, compile=args.compile, input_size=args.size)
+            pipeline = RemovalPipeline(options.model, run.weights, run.device, run.dtype, batch_size=run.batch_size,
+                                       max_pixels=run.max_pixels, compile=run.compile, input_size=options.size)
         except (WeightsError, ValueError, RuntimeError) as exc:  # RuntimeError: a device torch cannot use
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"model: {pipeline.describe()}", file=sys.stderr)
-        written, failed = process_jobs(pipeline, [job for job in jobs if not job.video], background, args, manifest)
+        written, failed = process_images(pipeline, [job for job in plan.jobs if not job.video], run, options,
+                                         manifest)
         errors += failed
-        for job in (job for job in jobs if job.video):
+        for job in (job for job in plan.jobs if job.video):
             started = time.perf_counter()
             try:
-                result = process_video(pipeline, job, background, args)
+                result = process_video(pipeline, job, run, options)
                 written += 1
-                record(manifest, job.source, job.outputs, pipeline.model_name, result.info.width, result.info.height,
-                       time.perf_counter() - started)
+                record(manifest, ManifestRecord(job.source, list(job.outputs.values()), pipeline.model_name,
+                                                result.info.width, result.info.height,
+                                                time.perf_counter() - started))
             except (OSError, ValueError, RuntimeError) as exc:  # VideoError is a ValueError
                 errors.append(f"{job.source}: {exc}")
                 print(f"error: {errors[-1]}", file=sys.stderr)
-                record(manifest, job.source, model=pipeline.model_name, error=str(exc))
-    summary = f"{written} written, {len(errors)} failed, {len(skipped)} skipped"
-    if skipped:
+                record(manifest, ManifestRecord(job.source, model=pipeline.model_name, error=str(exc)))
+    summary = f"{written} written, {len(errors)} failed, {len(plan.skipped)} skipped"
+    if plan.skipped:
         summary += " (outputs exist; --overwrite replaces them)"
     print(summary, file=sys.stderr)
     return 1 if errors else 0
 
 
-def record(manifest, source, outputs=None, model=None, width=None, height=None, seconds=0.0, error=None,
-           skipped=False) -> None:
+def record(manifest, entry: ManifestRecord) -> None:
     """One manifest line (when --manifest was given)."""
     if manifest is not None:
-        manifest.write(ManifestRecord(str(source), [str(p) for p in (outputs or {}).values()], model, width, height,
-                                      seconds, error, skipped))
+        manifest.write(entry)
 
 
-def process_video(pipeline, job: Job, background, args) -> None:
+def process_video(pipeline, job: Job, run: BatchRun, options: RemovalOptions):
     """One clip, with a progress bar of frames (frames/s and time left)."""
     from .video import remove_video
 
-    with tqdm(unit="frame", desc=job.source.name, disable=args.quiet, file=sys.stderr) as bar:
+    with tqdm(unit="frame", desc=Path(job.source).name, disable=run.quiet, file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        return remove_video(pipeline, job.source, args.output, fmt=args.video_format, background=background,
-                     mask=args.mask, smooth=args.smooth, refine=args.refine, overwrite=args.overwrite,
-                     max_seconds=args.max_video_seconds, progress=progress)
+        return remove_video(pipeline, job.source, run.output, fmt=run.video_format,
+                            background=options.background.value, mask=options.mask, smooth=run.smooth,
+                            refine=options.refine, overwrite=run.overwrite, max_seconds=run.max_video_seconds,
+                            progress=progress)
 
 
-def process_jobs(pipeline, jobs: list[Job], background, args, manifest=None) -> tuple[int, list[str]]:
+def process_images(pipeline, jobs: list[Job], run: BatchRun, options: RemovalOptions,
+                   manifest=None) -> tuple[int, list[str]]:
     """Runs the image jobs `batch_size` at a time; one bad input never stops the others."""
     written, failed = 0, []
-    bar = tqdm(total=len(jobs), unit="img", disable=args.quiet, file=sys.stderr)
+    bar = tqdm(total=len(jobs), unit="img", disable=run.quiet, file=sys.stderr)
     for job, outcome in zip(jobs, pipeline.iter_results(job.source for job in jobs)):
         try:
             if outcome.error is not None:
                 raise outcome.error
-            save_outputs(job, outcome.result, background, args)
+            for kind, data in encoded_outputs(outcome.result, options, kinds=job.todo).items():
+                storage.write_bytes(data, job.todo[kind], overwrite=run.overwrite)
             written += 1
             image = outcome.result.image
-            record(manifest, job.source, job.outputs, pipeline.model_name, image.width, image.height,
-                   outcome.result.seconds)
+            record(manifest, ManifestRecord(job.source, list(job.outputs.values()), pipeline.model_name,
+                                            image.width, image.height, outcome.result.seconds))
         except (OSError, ValueError, RuntimeError) as exc:
             failed.append(report(bar, job.source, exc))
-            record(manifest, job.source, model=pipeline.model_name, error=str(exc))
+            record(manifest, ManifestRecord(job.source, model=pipeline.model_name, error=str(exc)))
         bar.update(1)
     bar.close()
     return written, failed
-
-
-def resolve_background(spec: str | None):
-    """A path to an existing file is an image background; anything else is a colour name or 'blur'."""
-    if spec is None or spec in ("transparent", "none"):
-        return None
-    if Path(spec).is_file():
-        from .imageio import load_image
-
-        return load_image(Path(spec))
-    if spec != "blur":
-        from .compose import parse_color
-
-        parse_color(spec)  # fail before any work, not once per image
-    return spec
-
-
-def save_outputs(job: Job, result, background, args) -> None:
-    todo = {kind: path for kind, path in job.outputs.items() if args.overwrite or not path.exists()}
-    if "image" in todo:
-        out = result.composite(background, refine=args.refine)
-        write_atomic(encode_image(out, args.format), todo["image"], overwrite=args.overwrite)
-    if "mask" in todo:
-        write_atomic(encode_image(result.mask, args.format), todo["mask"], overwrite=args.overwrite)
 
 
 def report(bar, source, exc) -> str:
@@ -338,7 +312,6 @@ def run_make_benchmark(args) -> int:
 
 def run_compare(args) -> int:
     from .evaluation import compare_collage
-    from .imageio import encode_image
 
     collage = compare_collage(args.images, args.model, device=args.device, dtype=args.dtype, weights=args.weights)
     write_atomic(encode_image(collage, "png"), args.output, overwrite=True)
@@ -364,9 +337,14 @@ def run_export(args) -> int:
 
 
 def run_serve(args) -> int:
-    from .cluster import run_serve as serve
+    from .cluster.serve import ServeSettings, run_serve
 
-    return serve(args)
+    service = ServeSettings(model=args.model, weights=str(args.weights) if args.weights else None,
+                             device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                             max_bytes=int(args.max_upload_mb * 1024 * 1024),
+                             allow_private_urls=args.allow_private_urls)
+    return run_serve(service, address=args.ray, host=args.host, port=args.port, replicas=args.replicas,
+                     max_queued=args.max_queued)
 
 
 COMMANDS = {"remove": run_remove, "models": run_models, "eval": run_eval, "make-benchmark": run_make_benchmark,

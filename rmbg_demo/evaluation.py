@@ -185,7 +185,7 @@ def compare_collage(images, models: list[str], *, cell: int = 320, device="auto"
                     weights=None) -> Image.Image:
     """A labelled grid: one row per image, the input then each model's cut-out on a checkerboard.
     `weights`: a file for the model, when there is one."""
-    from .pipeline import get_pipeline
+    from .pool import get_pipeline
 
     if weights is not None and len(models) != 1:
         raise ValueError("weights are for one model")

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import ModelSpec, get_spec
-from .options import parse_size  # noqa: F401  (export sizes are written as the CLI takes them)
+from .request import NETWORK_SIDE_RANGE, NETWORK_SIDE_STEP, parse_network_size
 
-MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 2048, 32
+(MIN_SIDE, MAX_SIDE), SIDE_STEP = NETWORK_SIDE_RANGE, NETWORK_SIDE_STEP
 MIN_OPSET = 16  # GridSample (the deformable convolutions) needs opset 16
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # float32: max |logit difference| as a share of the logits' standard deviation;
@@ -84,18 +84,12 @@ class CheckReport:
 
 # -- sizes ----------------------------------------------------------------------------------
 def check_size(size) -> tuple[int, int]:
-    """`size` as (height, width): an int N means NxN; each side a multiple of 32 in 256..2048."""
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        size = (int(size), int(size))
-    try:
-        height, width = (int(side) for side in size)
-    except (TypeError, ValueError):
-        raise ValueError(f"size must be N or (height, width), got {size!r}") from None
-    for side in (height, width):
-        if not MIN_SIDE <= side <= MAX_SIDE or side % SIDE_STEP:
-            raise ValueError(f"size {width}x{height} (WxH): each side must be a multiple of {SIDE_STEP} "
-                             f"from {MIN_SIDE} to {MAX_SIDE}")
-    return height, width
+    """`size` as (height, width): an int N means NxN; each side a multiple of 32 in 256..2048 (the one
+    size rule of `rmbg_demo.request`)."""
+    parsed = parse_network_size(size)
+    if parsed is None:
+        raise ValueError(f"size must be N or (height, width), got {size!r}")
+    return parsed
 
 
 # -- the network as exported ------------------------------------------------------------------
@@ -120,13 +114,6 @@ def _on_cpu_in(network: nn.Module, dtype: torch.dtype) -> nn.Module:
     ready = not network.training and all(t.device.type == "cpu" for t in tensors) and all(
         p.dtype == dtype for p in network.parameters())
     return network if ready else copy.deepcopy(network).to(device="cpu", dtype=dtype).eval()
-
-
-def _has_dynamic_size(network: nn.Module) -> bool:
-    """Whether a trace of `network` holds at other heights and widths (see the module's docstring)."""
-    from .models.isnet import RMBG14
-
-    return isinstance(network, RMBG14)
 
 
 def check_images(size: tuple[int, int], count: int) -> torch.Tensor:
@@ -259,7 +246,7 @@ def export_onnx(model_name: str, out_path, *, weights=None, network: nn.Module |
 
         network = load_model(spec.name, weights)
     reference = _on_cpu_in(network, torch.float32)
-    dynamic_axes = ("batch", "height", "width") if _has_dynamic_size(reference) else ("batch",)
+    dynamic_axes = ("batch", "height", "width") if spec.traced_size_is_dynamic else ("batch",)
     metadata = export_metadata(spec, size, dtype, opset, dynamic_axes)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".part")

@@ -11,7 +11,6 @@ import io
 import os
 import re
 import struct
-import tempfile
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -211,36 +210,6 @@ def encode_image(image: Image.Image, fmt: str = "png", *, compress_level: int = 
     else:
         raise ValueError(f"unknown output format {fmt!r}; choose one of: {', '.join(FORMAT_EXTENSIONS)}")
     return buffer.getvalue()
-
-
-def write_atomic(data: bytes, path, *, overwrite: bool = False) -> Path:
-    """Write to a temporary file beside `path`, then move it into place; never a half-written file.
-
-    Without `overwrite` an existing file is kept (and FileExistsError raised), even when
-    another writer creates it in the meantime: the final step is a hard link, which fails
-    rather than replaces."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it") from None
-            os.unlink(tmp)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def image_files(inputs, *, recursive: bool = False, extensions=IMAGE_EXTENSIONS) -> list[Path]:

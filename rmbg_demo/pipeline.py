@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -21,6 +20,7 @@ from . import compose, processing
 from .engines import Engine, RequestBatcher, build_engine
 from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from .models import DEFAULT, FALLBACK, ModelSpec, get_spec
+from .request import NetworkSize
 from .weights import weights_available
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,48 @@ def choose_model(model: str | None = "auto", weights=None) -> str:
     return chosen
 
 
-def exported_model(path, found: str | None, asked: str | None, chosen: str) -> str:
-    """The registered model an exported ONNX file (`rmbg export`) says it is (`found`, from its
-    metadata; None for other ONNX files); `asked` must agree."""
+def resolve_model(asked: str | None, weights, engine: Engine | None = None) -> str:
+    """The registered model a request runs: `asked` (or for 'auto', `choose_model`'s pick), unless the
+    engine knows better (an exported file's metadata says which model it is); `asked` must agree then."""
+    chosen = choose_model(asked, weights)
+    found = engine.model_name if engine is not None else None
     if found is None:
         return chosen
     found = get_spec(found).name
     if asked not in (None, "auto") and found != chosen:
-        raise ValueError(f"{path} is an export of {found}, not {chosen}: drop --model or pass --model {found}")
+        raise ValueError(f"{weights or engine.describe()} is an export of {found}, not {chosen}: drop --model or "
+                         f"pass --model {found}")
     return found
+
+
+def network_size_for(spec: ModelSpec, asked: tuple[int, int] | None, engine: Engine | None = None) -> NetworkSize:
+    """The resolution a request runs at: the one asked, else what the engine is fixed at or prefers (an
+    exported file's own), else the model's own. An engine fixed at another size refuses."""
+    fixed = engine.fixed_size if engine is not None else None
+    preferred = engine.input_size if engine is not None else None
+    size = NetworkSize(*(asked or fixed or preferred or spec.input_size))
+    if fixed and tuple(fixed) != tuple(size):
+        raise ValueError(f"this {engine.name} model runs at {fixed[1]}x{fixed[0]} only, not {size}")
+    return size
+
+
+class Processor:
+    """A model's own steps around its network, at one network size: decode (with the pixel cap),
+    preprocess, and the probabilities back to a mask. No engine: cheap to make anywhere (a Ray task)."""
+
+    def __init__(self, spec: ModelSpec, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.spec, self.size, self.max_pixels = spec, NetworkSize(*size), max_pixels
+
+    def load(self, source) -> Image.Image:
+        return load_image(source, max_pixels=self.max_pixels)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """(1, 3, H, W) float32 CPU network input."""
+        return processing.preprocess(image, self.spec, self.size)
+
+    def to_mask(self, probability: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+        """(1, h, w) probabilities -> 8-bit mask of `size` (width, height)."""
+        return processing.to_mask(probability, size, self.spec)
 
 
 @dataclass
@@ -119,27 +152,20 @@ class RemovalPipeline:
     def __init__(self, model: str | None = "auto", weights=None, device="auto", dtype="auto", batch_size: int = 1,
                  max_pixels: int = DEFAULT_MAX_PIXELS, input_size: tuple[int, int] | None = None, network=None,
                  batch_requests: int = 1, compile: str | None = None, engine: Engine | None = None):
-        self.model_name = choose_model(model, weights)
         started = time.perf_counter()
-        if engine is None and os.fspath(weights or "").endswith(".onnx"):
-            # An exported file says which model it is: its engine is opened once, then asked.
-            engine = build_engine(get_spec(self.model_name), weights, device, dtype, input_size=input_size,
-                                  compile=compile)
-            self.model_name = exported_model(weights, engine.model_name, model, self.model_name)
-        self.spec: ModelSpec = get_spec(self.model_name)
         self.batch_size = max(1, int(batch_size))
-        self.max_pixels = max_pixels
         if engine is None:
-            engine = build_engine(self.spec, weights, device, dtype, network=network, input_size=input_size,
-                                  compile=compile, max_batch=max(self.batch_size, batch_requests))
-        self.engine = RequestBatcher(engine, batch_requests) if batch_requests > 1 else engine
-        # An exported file's own size (its metadata) comes before the model's, when none is asked for.
-        own_size = getattr(engine, "input_size", None)
-        own_size = own_size if isinstance(own_size, tuple) else None
-        self.input_size = tuple(input_size or engine.fixed_size or own_size or self.spec.input_size)
-        if engine.fixed_size and engine.fixed_size != self.input_size:
-            raise ValueError(f"this {engine.name} model runs at {engine.fixed_size[1]}x{engine.fixed_size[0]} only, "
-                             f"not {self.input_size[1]}x{self.input_size[0]}")
+            engine = build_engine(choose_model(model, weights), weights, device, dtype, network=network,
+                                  input_size=input_size, compile=compile,
+                                  max_batch=max(self.batch_size, batch_requests))
+            if batch_requests > 1:
+                engine = RequestBatcher(engine, batch_requests)
+        self.engine = engine
+        self.model_name = resolve_model(model, weights, engine)
+        self.spec: ModelSpec = get_spec(self.model_name)
+        self.input_size = network_size_for(self.spec, input_size, engine)
+        self.max_pixels = max_pixels
+        self.processor = Processor(self.spec, self.input_size, max_pixels)
         self.load_seconds = time.perf_counter() - started
         log.info("%s: %s, loaded in %.1f s", self.model_name, self.engine.describe(), self.load_seconds)
 
@@ -152,21 +178,18 @@ class RemovalPipeline:
         return self.engine if isinstance(self.engine, RequestBatcher) else None
 
     def describe(self) -> str:
-        size = f"{self.input_size[1]}x{self.input_size[0]}"
-        return (f"{self.spec.title} [{self.model_name}] at {size}, {self.engine.describe()}; "
+        return (f"{self.spec.title} [{self.model_name}] at {self.input_size}, {self.engine.describe()}; "
                 f"licence: {self.spec.licence}")
 
     # -- the stages -------------------------------------------------------------------
     def load(self, source) -> Image.Image:
-        return load_image(source, max_pixels=self.max_pixels)
+        return self.processor.load(source)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """(1, 3, H, W) float32 CPU network input."""
-        return processing.preprocess(image, self.spec, self.input_size)
+        return self.processor.preprocess(image)
 
     def to_mask(self, probability: torch.Tensor, size: tuple[int, int]) -> Image.Image:
-        """(1, h, w) probabilities -> 8-bit mask of `size` (width, height)."""
-        return processing.to_mask(probability, size, self.spec)
+        return self.processor.to_mask(probability, size)
 
     def predict_probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(n, 1, h, w) float32 CPU probabilities at the network's size, `batch_size` images a pass."""
@@ -236,32 +259,3 @@ class RemovalPipeline:
 
 def _name(source) -> str | None:
     return os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
-
-
-_PIPELINES: dict[tuple, RemovalPipeline] = {}
-
-
-def get_pipeline(model: str | None = "auto", weights=None, device="auto", dtype="auto", **kwargs) -> RemovalPipeline:
-    """A pipeline per (model, weights, device, dtype), built once and reused."""
-    key = (choose_model(model, weights), os.fspath(weights) if weights else None, str(device), str(dtype),
-           tuple(sorted(kwargs.items())))
-    if key not in _PIPELINES:
-        _PIPELINES[key] = RemovalPipeline(key[0], weights, device, dtype, **kwargs)
-    return _PIPELINES[key]
-
-
-def remove(data, *, model: str | None = "auto", weights=None, background=None, refine: bool = False,
-           only_mask: bool = False, fmt: str = "png", device="auto", dtype="auto"):
-    """One call, like rembg's: bytes in -> encoded bytes out; PIL in -> PIL out; ndarray in -> ndarray out.
-
-    Returns the cut-out (RGBA), the subject over `background` (RGB), or with `only_mask` the mask (L).
-    """
-    from .imageio import encode_image
-
-    result = get_pipeline(model, weights, device, dtype)(data)
-    out = result.mask if only_mask else result.composite(background, refine)
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return encode_image(out, fmt)
-    if isinstance(data, np.ndarray):
-        return np.asarray(out)
-    return out

@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 import zipfile
@@ -19,16 +18,16 @@ import gradio as gr
 from PIL import Image
 
 from . import fetch
-from .cluster.client import RemoteRemover
-from .engines import Engine, RequestBatcher, ZeroGpuEngine, build_engine, pick_device, zerogpu_decorator
+from .atomic import atomic_output, write_atomic
+from .engines import pick_device, zerogpu_decorator
 from .gradio_compat import RawImage
-from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, encode_image, load_image, write_atomic
-from .models import DEFAULT, REGISTRY, Runtime, get_spec, model_names
-from .options import parse_size
-from .pipeline import Outcome, RemovalPipeline, RemovalResult, choose_model
-from .remote import RemotePipeline
+from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, load_image
+from .models import DEFAULT, REGISTRY, get_spec
+from .pipeline import Outcome, RemovalPipeline, RemovalResult
+from .pool import ModelPool, PoolSettings
+from .request import RemovalOptions, encoded_outputs, render
 from .ui_video import VideoHandler, video_tab
-from .weights import WeightsError, weights_available
+from .weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +71,13 @@ class DemoConfig:
     backend: str | None = None
     zerogpu: bool = field(default_factory=lambda: zerogpu_decorator() is not None)
 
+    def pool_settings(self) -> PoolSettings:
+        return PoolSettings(model=self.model, weights=self.weights, device=self.device, dtype=self.dtype,
+                            compile=self.compile, batch_size=self.batch_size, max_pixels=self.max_pixels,
+                            request_batch=self.max_batch, backend=self.backend, zerogpu=self.zerogpu)
+
     def request_batch(self) -> int:
-        if self.max_batch is not None:
-            return max(1, self.max_batch)
-        if self.backend:  # requests in flight together reach the service together, and share its batches
-            return 8
-        return 8 if pick_device(self.device).type == "cuda" and not self.zerogpu else 1
+        return self.pool_settings().requests_per_batch()
 
 
 def how_to_enable(name: str) -> str:
@@ -96,134 +96,43 @@ def model_label(name: str, here: bool) -> str:
     return f"{name} (downloads on first use{size})"
 
 
-@dataclass
 class Models:
-    """Every registered model, listed; pipelines loaded once, on first use, and shared by every
-    request. Which models are here is decided from local files only: start-up never waits for
-    the network and never downloads what nobody asked for."""
+    """The page's view of the `ModelPool`: every registered model listed (or those its backend offers),
+    the default loaded at start-up, each other one on first use; pool errors shown as Gradio's."""
 
-    config: DemoConfig
-    default: str = ""
-    choices: list[str] = field(default_factory=list)  # every registered model, default first
-    local: set[str] = field(default_factory=set)  # those that run without a download
-    _engines: dict[str, Engine] = field(default_factory=dict)
-    _pipelines: dict[tuple, RemovalPipeline] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, config: DemoConfig):
+        self.config = config
 
-    def __post_init__(self):
-        self.default = choose_model(self.config.model, self.config.weights)
-        names = model_names()
-        self.choices = [self.default, *(n for n in names if n != self.default)]
-        self.local = {n for n in names if n == self.default or weights_available(n)}
-        self.get(self.default)  # load at start-up, not on the first request
+        def downloading(name: str) -> None:
+            gr.Info(f"Downloading {name} weights from {get_spec(name).page_url} (first use)...")
+
+        self.pool = ModelPool(config.pool_settings(), on_download=downloading)
+        self.default, self.choices, self.local = self.pool.default, self.pool.choices, self.pool.local
 
     def dropdown_choices(self) -> list[tuple[str, str]]:
         return [(model_label(name, name in self.local), name) for name in self.choices]
 
     def get(self, name: str | None, size: tuple[int, int] | None = None) -> RemovalPipeline:
-        """The pipeline for model `name` at network resolution `size` (None: the model's own).
-        Pipelines of one model share its engine, so they share network batches too."""
-        name = get_spec(name).name if name else self.default
-        with self._lock:
-            if name not in self._engines:
-                if name not in self.local:
-                    gr.Info(f"Downloading {name} weights from {get_spec(name).page_url} (first use)...")
-                try:
-                    self._engines[name] = self._engine(name)
-                except (WeightsError, ValueError, OSError) as exc:
-                    raise gr.Error(f"{name} cannot run here: {exc}") from exc
-                self.local.add(name)
-            if (name, size) not in self._pipelines:
-                weights = self.config.weights if name == self.default else None
-                try:
-                    self._pipelines[name, size] = RemovalPipeline(
-                        name, weights, batch_size=self.config.batch_size, max_pixels=self.config.max_pixels,
-                        input_size=size, engine=self._engines[name])
-                except ValueError as exc:  # a size this model cannot run at
-                    raise gr.Error(f"{name}: {exc}") from exc
-            return self._pipelines[name, size]
-
-    def _engine(self, name: str) -> Engine:
-        config = self.config
-        spec = get_spec(name)
-        compile_backend = config.compile if spec.runtime is Runtime.TORCH else None
-        engine = build_engine(spec, config.weights if name == self.default else None, config.device, config.dtype,
-                              compile=compile_backend, max_batch=max(config.batch_size, config.request_batch()))
-        if config.zerogpu:
-            engine = ZeroGpuEngine(engine, zerogpu_decorator())
-        return RequestBatcher(engine, config.request_batch()) if config.request_batch() > 1 else engine
+        """The pipeline for model `name` at network resolution `size` (None: the model's own)."""
+        try:
+            return self.pool.pipeline(name, size)
+        except (WeightsError, ValueError, OSError) as exc:  # ModelUnavailable is a ValueError
+            raise gr.Error(f"{name or self.default} cannot run here: {exc}") from exc
 
     def banner(self) -> str:
         pipeline = self.get(self.default)
         text = f"**Model:** {pipeline.describe()}"
-        if pipeline.model_name != DEFAULT:
+        if pipeline.model_name != DEFAULT and not self.config.backend:
             text += f"  \n{how_to_enable(DEFAULT)}"
         return text
 
 
-@dataclass
-class RemoteModels(Models):
-    """The models a running `rmbg serve` at `config.backend` has weights for; their pipelines send each
-    image there for its mask (`rmbg_demo.remote`). Nothing is loaded here. An unreachable service at
-    start-up raises `RemoteError`; later, each request that cannot reach it fails with that error alone."""
-
-    remote: RemoteRemover | None = None
-
-    def __post_init__(self):
-        self.remote = RemoteRemover(self.config.backend)
-        offered = self.remote.models()  # RemoteError when nothing answers: the page would be useless
-        available = [m["name"] for m in offered["models"] if m.get("available") and m["name"] in REGISTRY]
-        asked = self.config.model
-        if asked not in (None, "auto") and get_spec(asked).name not in available:
-            raise ValueError(f"{self.config.backend} has no weights for {asked}; it offers {', '.join(available)}")
-        self.default = get_spec(asked).name if asked not in (None, "auto") else offered["default"]
-        self.choices = [self.default, *(n for n in available if n != self.default)]
-        self.local = set(self.choices)
-
-    def get(self, name: str | None, size: tuple[int, int] | None = None) -> RemovalPipeline:
-        name = get_spec(name).name if name else self.default
-        if name not in self.local:
-            raise gr.Error(f"{name} is not available at {self.config.backend}; choose one of {', '.join(self.choices)}")
-        with self._lock:
-            if (name, size) not in self._pipelines:
-                self._pipelines[name, size] = RemotePipeline(self.remote, name, size, self.config.batch_size,
-                                                             self.config.max_pixels)
-            return self._pipelines[name, size]
-
-    def banner(self) -> str:
-        return f"**Model:** {self.get(self.default).describe()}"
-
-
-@dataclass
-class Settings:
-    """The page's settings, in the order of `settings_inputs` (and of the API's parameters)."""
-
-    model: str | None = None
-    background: str = "transparent"
-    colour: str = "#ffffff"
-    background_image: str | None = None
-    refine: bool = False
-    fmt: str = "png"
-    resolution: str = "auto"  # the network's input size: "auto" (the model's own), "1024", "768x1024"
-
-    @property
-    def size(self) -> tuple[int, int] | None:
-        try:
-            return parse_size(self.resolution)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
-
-    def background_value(self):
-        """None (transparent), a colour, 'blur' or a decoded image; checked before any work."""
-        if self.background == "colour":
-            return self.colour or "#ffffff"
-        if self.background == "blur":
-            return "blur"
-        if self.background == "image":
-            if not self.background_image:
-                raise gr.Error("choose a background image, or another background")
-            return decode_or_explain(self.background_image)
-        return None
+def page_options(*widgets) -> RemovalOptions:
+    """The page's settings widgets (`settings_inputs`, in order) as the request's options."""
+    try:
+        return RemovalOptions.from_widgets(*widgets)
+    except ValueError as exc:  # OptionError: names the setting and the value
+        raise gr.Error(str(exc)) from exc
 
 
 def decode_or_explain(source) -> Image.Image:
@@ -258,12 +167,12 @@ class OutputFolders:
                 pass
 
 
-def write_result(result: RemovalResult, settings: Settings, background, stem: str,
+def write_result(result: RemovalResult, options: RemovalOptions, stem: str,
                  folder: Path) -> tuple[Image.Image, Path, Path]:
-    ext = FORMAT_EXTENSIONS[settings.fmt]
-    out = result.composite(background, refine=settings.refine)
-    image_path = write_atomic(encode_image(out, settings.fmt), folder / f"{stem}-nobg{ext}")
-    mask_path = write_atomic(encode_image(result.mask, settings.fmt), folder / f"{stem}-mask{ext}")
+    out = render(result, options)
+    encoded = encoded_outputs(result, options)
+    image_path = write_atomic(encoded["image"], folder / f"{stem}-nobg{options.extension}")
+    mask_path = write_atomic(encoded["mask"], folder / f"{stem}-mask{options.extension}")
     return out, image_path, mask_path
 
 
@@ -295,19 +204,18 @@ class Handlers:
         self.models = models
         self.folders = OutputFolders()
 
-    def one(self, source, settings: Settings) -> RemovalResult:
+    def one(self, source, options: RemovalOptions) -> RemovalResult:
         """One image through the chosen model; a bad upload raises its own readable error."""
-        outcome = next(self.models.get(settings.model, settings.size).iter_results([source]))
+        outcome = next(self.models.get(options.model, options.size).iter_results([source]))
         if outcome.error is not None:
             raise gr.Error(error_message(outcome))
         return outcome.result
 
-    def single(self, source, stem: str, settings: Settings):
+    def single(self, source, stem: str, options: RemovalOptions):
         started = time.perf_counter()
-        background = settings.background_value()
-        result = self.one(source, settings)
-        out, image_path, mask_path = write_result(result, settings, background, stem, self.folders.new())
-        info = (f"**Model:** {self.models.get(settings.model, settings.size).describe()}  \n"
+        result = self.one(source, options)
+        out, image_path, mask_path = write_result(result, options, stem, self.folders.new())
+        info = (f"**Model:** {self.models.get(options.model, options.size).describe()}  \n"
                 f"{result.image.width}x{result.image.height}, {time.perf_counter() - started:.2f} s")
         return (out, result.image), str(image_path), str(mask_path), result.mask, info
 
@@ -318,37 +226,35 @@ class Handlers:
               refine=False, fmt="png", resolution="auto"):
         if not path:
             raise gr.Error("upload, paste or drop an image first")
-        settings = Settings(model, background, colour, background_image, refine, fmt, resolution)
-        return self.single(path, safe_stem(Path(path).name), settings)
+        options = page_options(model, background, colour, background_image, refine, fmt, resolution)
+        return self.single(path, safe_stem(Path(path).name), options)
 
     def text(self, url, model=None, background="transparent", colour="#ffffff", background_image=None,
              refine=False, fmt="png", resolution="auto"):
         url = (url or "").strip()
         if not url:
             raise gr.Error("paste an image URL first")
+        options = page_options(model, background, colour, background_image, refine, fmt, resolution)
         try:
             data = fetch.fetch_url(url, allow_private=self.models.config.allow_private_urls)
         except fetch.URLFetchError as exc:
             raise gr.Error(str(exc)) from exc
         stem = safe_stem(url.rstrip("/").rsplit("/", 1)[-1].split("?")[0])
-        settings = Settings(model, background, colour, background_image, refine, fmt, resolution)
-        return self.single(data, stem, settings)
+        return self.single(data, stem, options)
 
     def batch(self, files, model=None, background="transparent", colour="#ffffff", background_image=None,
               refine=False, fmt="png", resolution="auto"):
         if not files:
             raise gr.Error("add one or more images first")
-        settings = Settings(model, background, colour, background_image, refine, fmt, resolution)
-        background = settings.background_value()
-        pipeline = self.models.get(settings.model, settings.size)
+        options = page_options(model, background, colour, background_image, refine, fmt, resolution)
+        pipeline = self.models.get(options.model, options.size)
         folder, gallery, errors, outputs, stems = self.folders.new(), [], [], [], set()
         for path, outcome in zip(files, pipeline.iter_results(files)):  # network batches, bounded memory
             name = Path(path).name
             if outcome.error is not None:  # one bad file must not sink the batch
                 errors.append(f"{name}: {error_message(outcome)}")
                 continue
-            out, image_path, mask_path = write_result(outcome.result, settings, background,
-                                                      unique_stem(name, stems), folder)
+            out, image_path, mask_path = write_result(outcome.result, options, unique_stem(name, stems), folder)
             gallery.append((out, name))
             outputs += [image_path, mask_path]
         archive = write_zip(outputs, folder / "rmbg-batch.zip") if outputs else None
@@ -367,7 +273,7 @@ class Handlers:
         gallery, lines = [], ["| model | seconds |", "|---|---|"]
         for name in chosen:
             started = time.perf_counter()
-            result = self.one(image, Settings(name))
+            result = self.one(image, RemovalOptions(model=name))
             seconds = time.perf_counter() - started
             gallery.append((result.cutout(), f"{name}: {seconds:.2f} s"))
             lines.append(f"| {self.models.get(name).title} [{name}] | {seconds:.2f} |")
@@ -375,11 +281,9 @@ class Handlers:
 
 
 def write_zip(paths: list[Path], target: Path) -> Path:
-    tmp = target.with_suffix(".zip.part")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+    with atomic_output(target) as temporary, zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED) as archive:
         for path in paths:  # PNG/WebP are compressed already
             archive.write(path, arcname=path.name)
-    os.replace(tmp, target)
     return target
 
 
@@ -391,7 +295,8 @@ def settings_inputs(models: Models) -> list:
             refine = gr.Checkbox(False, label="Refine foreground colours (removes halos at soft edges)")
             default = models.config.resolution
             choices = RESOLUTIONS + ([(default, default)] if default not in dict(RESOLUTIONS).values() else [])
-            resolution = gr.Dropdown(choices, value=default, label="Network resolution", elem_id="resolution")
+            resolution = gr.Dropdown(choices, value=default, label="Network resolution (N or WxH)",
+                                     elem_id="resolution", allow_custom_value=True)
         with gr.Row():
             background = gr.Radio(BACKGROUNDS, value="transparent", label="Background")
             colour = gr.ColorPicker("#ffffff", label="Background colour")
@@ -412,7 +317,7 @@ def result_outputs(label: str, prefix: str) -> list:
 
 def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
     config = config or DemoConfig()
-    models = RemoteModels(config) if config.backend else Models(config)
+    models = Models(config)
     handlers = Handlers(models)
     with gr.Blocks(title=TITLE, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}")
@@ -438,7 +343,7 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
             archive = gr.File(label="zip of cut-outs and masks", elem_id="batch-zip")
             batch_info = gr.Markdown(elem_id="batch-info")
             run_batch.click(handlers.batch, [files, *settings], [gallery, archive, batch_info], api_name="batch")
-        video_tab(VideoHandler(models, handlers.folders, Settings, models.config.max_video_seconds), settings)
+        video_tab(VideoHandler(models, handlers.folders, models.config.max_video_seconds, page_options), settings)
         with gr.Tab("Compare"):
             compare_image = RawImage(type="filepath", label="Image", image_mode=None, elem_id="compare-image",
                                      sources=["upload", "clipboard"])

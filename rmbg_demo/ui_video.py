@@ -8,17 +8,19 @@ from pathlib import Path
 
 import gradio as gr
 
+from .video import ALPHA_FORMATS, FORMATS
+
 log = logging.getLogger(__name__)
 
-VIDEO_FORMATS = [("WebM, VP9 with alpha (plays in browsers)", "webm"),
-                 ("MOV, ProRes 4444 with alpha (for video editors)", "mov")]
 # The result plays over a checkerboard, so that transparency shows.
 CSS = "#video-result video { background: repeating-conic-gradient(#d0d0d0 0% 25%, #fff 0% 50%) 50% / 24px 24px; }"
 
 
 class VideoHandler:
-    def __init__(self, models, folders, settings_type, max_seconds: float | None):
-        self.models, self.folders, self.Settings, self.max_seconds = models, folders, settings_type, max_seconds
+    def __init__(self, models, folders, max_seconds: float | None, options_of):
+        """`options_of(model, background, colour, background_image, refine, fmt, resolution)`: the page's
+        settings as `RemovalOptions`, errors as Gradio's."""
+        self.models, self.folders, self.max_seconds, self.options_of = models, folders, max_seconds, options_of
 
     def __call__(self, path, model=None, background="transparent", colour="#ffffff", background_image=None,
                  refine=False, resolution="auto", smooth=True, video_format="webm", progress=gr.Progress()):
@@ -26,9 +28,8 @@ class VideoHandler:
 
         if not path:
             raise gr.Error("upload or drop a video first")
-        settings = self.Settings(model, background, colour, background_image, refine, "png", resolution)
-        backdrop = settings.background_value()
-        pipeline = self.models.get(settings.model, settings.size)
+        options = self.options_of(model, background, colour, background_image, refine, "png", resolution)
+        pipeline = self.models.get(options.model, options.size)
         folder = self.folders.new()
         (folder / "in").mkdir()
         source = folder / "in" / Path(path).name  # outputs are named after the upload, not Gradio's temp name
@@ -38,8 +39,9 @@ class VideoHandler:
             progress((done, total), desc="frames", unit="frames")
 
         try:
-            result = remove_video(pipeline, source, folder, fmt=video_format, background=backdrop, mask=True,
-                                  smooth=smooth, refine=refine, max_seconds=self.max_seconds, progress=report)
+            result = remove_video(pipeline, source, folder, fmt=video_format, background=options.background.value,
+                                  mask=True, smooth=smooth, refine=options.refine, max_seconds=self.max_seconds,
+                                  progress=report)
         except (VideoError, ValueError, FileExistsError) as exc:
             raise gr.Error(str(exc)) from exc
         except RuntimeError as exc:
@@ -64,7 +66,8 @@ def video_tab(handler: VideoHandler, settings: list) -> None:
         clip = gr.File(label="Upload or drop a video", file_types=["video"], type="filepath", elem_id="video-input")
         with gr.Row():
             smooth = gr.Checkbox(True, label="Steady edges (temporal smoothing that follows motion)")
-            video_format = gr.Radio(VIDEO_FORMATS, value="webm", label="Video format (transparent background)")
+            video_format = gr.Radio([(FORMATS[name], name) for name in ALPHA_FORMATS], value="webm",
+                                    label="Video format (transparent background)")
         run = gr.Button("Remove background", variant="primary", elem_id="run-video")
         result = gr.Video(label="Result", elem_id="video-result", autoplay=True, loop=True, format=None)
         files = gr.File(label="Video and matte (greyscale MP4)", file_count="multiple", elem_id="video-files")

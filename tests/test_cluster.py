@@ -15,10 +15,10 @@ import pytest
 from helpers import rmbg_in_process
 from PIL import Image
 
-from rmbg_demo.cluster import manifest as manifest_module
-from rmbg_demo.cluster import storage
-from rmbg_demo.cluster.job import parse_workers, remove_parser, run_ray_job
-from rmbg_demo.cluster.job import split_ray_address as split_address
+from rmbg_demo import manifest as manifest_module
+from rmbg_demo import storage
+from rmbg_demo.cli import build_parser, split_ray_address
+from rmbg_demo.cluster.job import parse_workers
 from rmbg_demo.pipeline import RemovalPipeline
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (240, 200, 30), (200, 60, 200), (30, 200, 210)]
@@ -43,10 +43,11 @@ def make_photos(folder: Path, count: int, prefix="p") -> list[Path]:
     return paths
 
 
-def ray_args(*argv):
-    args = remove_parser().parse_args(["remove", *map(str, argv)])
-    assert args.ray is not None
-    return args
+def ray_cli(*argv):
+    """`rmbg remove ARGV` (with --ray among them) through the CLI's own main, in this process, on the tests'
+    local Ray."""
+    assert "--ray" in argv
+    return rmbg_in_process("remove", *argv)
 
 
 def plain_cli(*argv):
@@ -62,18 +63,17 @@ def files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_same_outputs_as_the_plain_cli_a_bad_file_is_a_manifest_line_and_a_rerun_resumes(local_ray, tmp_path,
-                                                                                          capfd):
+def test_same_outputs_as_the_plain_cli_a_bad_file_is_a_manifest_line_and_a_rerun_resumes(local_ray, tmp_path):
     inputs = make_photos(tmp_path / "in", 4)
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a header, then nothing
     common = ["--model", "u2netp", "--mask", "--batch-size", "2"]
     plain = plain_cli(tmp_path / "in", "-o", tmp_path / "plain", *common)
     assert plain.returncode == 1, plain.stderr
 
-    code = run_ray_job(ray_args(tmp_path / "in", "-o", tmp_path / "ray", *common, "--ray"))
+    run = ray_cli(tmp_path / "in", "-o", tmp_path / "ray", *common, "--ray")
 
-    assert code == 1  # one input failed
-    err = capfd.readouterr().err
+    assert run.returncode == 1  # one input failed
+    err = run.stderr
     assert "4 written, 1 failed, 0 skipped" in err and "images/s" in err and "network" in err
     assert files(tmp_path / "ray") == sorted(files(tmp_path / "plain") + ["manifest.jsonl"])  # no temp files
     for name in files(tmp_path / "plain"):
@@ -88,9 +88,9 @@ def test_same_outputs_as_the_plain_cli_a_bad_file_is_a_manifest_line_and_a_rerun
     # A crash left one cut-out missing: the rerun writes it and touches nothing else.
     (tmp_path / "ray" / "p03.png").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray").glob("*.png")}
-    code = run_ray_job(ray_args(tmp_path / "in", "-o", tmp_path / "ray", *common, "--ray"))
-    assert code == 1
-    assert "1 written, 1 failed, 3 skipped" in capfd.readouterr().err
+    run = ray_cli(tmp_path / "in", "-o", tmp_path / "ray", *common, "--ray")
+    assert run.returncode == 1
+    assert "1 written, 1 failed, 3 skipped" in run.stderr
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray").glob("*.png")}
     assert {k for k in after if before.get(k) != after[k]} == {"p03.png"}
     assert np.array_equal(pixels(tmp_path / "ray" / "p03.png"), pixels(tmp_path / "plain" / "p03.png"))
@@ -116,10 +116,9 @@ def test_reads_and_writes_object_storage(local_ray, s3_server, tmp_path):
     with s3.open_output_stream("photos/in/readme.txt") as stream:
         stream.write(b"not an image, and not listed")
 
-    code = run_ray_job(ray_args("s3://photos/in/*", "-o", "s3://photos/out", "--model", "u2netp", "--mask",
-                                "--ray", "-q"))
+    run = ray_cli("s3://photos/in/*", "-o", "s3://photos/out", "--model", "u2netp", "--mask", "--ray", "-q")
 
-    assert code == 0
+    assert run.returncode == 0, run.stderr
     from pyarrow import fs
 
     listing = {info.base_name for info in s3.get_file_info(fs.FileSelector("photos/out"))}
@@ -153,10 +152,10 @@ def actor_pids(marker: str = "NetworkStage") -> set[int]:
 def test_a_killed_model_worker_is_replaced_and_every_output_is_written_once(local_ray, tmp_path):
     make_photos(tmp_path / "in", 16)
     out = tmp_path / "out"
-    args = ray_args(tmp_path / "in", "-o", out, "--model", "u2netp", "--mask", "--batch-size", "2",
-                    "--workers", "1", "--ray", "-q")
+    argv = (tmp_path / "in", "-o", out, "--model", "u2netp", "--mask", "--batch-size", "2", "--workers", "1",
+            "--ray", "-q")
     result = {}
-    job = threading.Thread(target=lambda: result.setdefault("code", run_ray_job(args)))
+    job = threading.Thread(target=lambda: result.setdefault("code", ray_cli(*argv).returncode))
     job.start()
     killed = None
     deadline = time.monotonic() + 240
@@ -183,10 +182,9 @@ def test_a_killed_model_worker_is_replaced_and_every_output_is_written_once(loca
 def test_missing_ray_is_a_clear_error_naming_the_extra(tmp_path):
     make_photos(tmp_path / "in", 1)
     code = ("import sys; sys.modules['ray'] = None\n"
-            "from rmbg_demo.cluster.job import remove_parser, run_ray_job\n"
-            f"args = remove_parser().parse_args(['remove', {str(tmp_path / 'in')!r}, '-o', "
-            f"{str(tmp_path / 'out')!r}, '--model', 'u2netp', '--ray'])\n"
-            "sys.exit(run_ray_job(args))\n")
+            "from rmbg_demo.cli import main\n"
+            f"sys.exit(main(['remove', {str(tmp_path / 'in')!r}, '-o', {str(tmp_path / 'out')!r}, '--model', "
+            "'u2netp', '--ray']))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parents[1], check=False)
     assert run.returncode == 2
@@ -202,12 +200,12 @@ def test_workers_flag_and_the_optional_address():
     for bad in ("0", "4,2", "x", "1,2,3"):
         with pytest.raises(ValueError, match="--workers"):
             parse_workers(bad, 0)
-    args = remove_parser().parse_args(["remove", "-o", "out", "--ray", "photo.jpg", "more.jpg"])
-    split_address(args)
+    args = build_parser().parse_args(["remove", "-o", "out", "--ray", "photo.jpg", "more.jpg"])
+    split_ray_address(args)
     assert (args.ray, args.inputs) == ("", ["photo.jpg", "more.jpg"])  # a file after --ray is an input
     for address in ("auto", "ray://head:10001", "10.0.0.5:6379"):
-        args = remove_parser().parse_args(["remove", "a.jpg", "-o", "out", "--ray", address])
-        split_address(args)
+        args = build_parser().parse_args(["remove", "a.jpg", "-o", "out", "--ray", address])
+        split_ray_address(args)
         assert (args.ray, args.inputs) == (address, ["a.jpg"])
 
 

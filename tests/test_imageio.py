@@ -7,7 +7,8 @@ import pytest
 from helpers import ASSETS, bomb_png
 from PIL import Image
 
-from rmbg_demo.imageio import ImageDecodeError, encode_image, image_files, load_image, write_atomic
+from rmbg_demo.atomic import write_atomic
+from rmbg_demo.imageio import ImageDecodeError, encode_image, image_files, load_image
 
 
 def png_bytes(image: Image.Image, **kwargs) -> bytes:

@@ -8,7 +8,8 @@ from helpers import ASSETS, composite_on_texture
 from PIL import Image
 from torchvision import transforms
 
-from rmbg_demo.pipeline import RemovalPipeline, choose_model, get_pipeline, remove
+from rmbg_demo.pipeline import RemovalPipeline, choose_model
+from rmbg_demo.pool import get_pipeline, remove
 
 PHOTOS = [ASSETS / name for name in ("coffee.jpg", "chelsea.jpg", "astronaut.jpg")]
 

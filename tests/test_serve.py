@@ -13,9 +13,8 @@ from helpers import ASSETS, AppServer, bomb_png, free_port
 from PIL import Image
 from ray import serve
 
-from rmbg_demo.cluster.client import RemoteError, RemoteRemover
-from rmbg_demo.cluster.serve import replica_options, start_service
-from rmbg_demo.cluster.serve_app import ServeSettings
+from rmbg_demo.client import RemoteError, RemoteRemover
+from rmbg_demo.cluster.serve import ServeSettings, replica_options, start_service
 from rmbg_demo.compose import replace_background
 
 MAX_BYTES = 300_000

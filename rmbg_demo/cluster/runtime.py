@@ -1,6 +1,7 @@
 """Connecting to Ray: an existing cluster, or a local instance started for this command."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -42,6 +43,19 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     ray.init(address=None if local else address, runtime_env=runtime_env(), log_to_driver=not quiet,
              **kwargs)
     return local
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = False):
+    """`ray`, connected for the block (`connect`'s rules); a local instance started here is shut down
+    after it, however the block ends. For `rmbg remove --ray` and `rmbg serve` alike."""
+    ray = import_ray()
+    started_here = connect(address, num_cpus=num_cpus, quiet=quiet)
+    try:
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def cluster_gpus() -> float:

@@ -1,8 +1,9 @@
 """`rmbg serve`: background removal as an HTTP service on Ray Serve.
 
-POST /remove (image bytes, multipart field `image`, or JSON {"url": ...}; query model, background,
-format, refine, mask=1, size=N|WxH (the network's resolution; default the model's own)) answers the
-image with X-Model and timing headers; GET /models, GET /healthz.
+POST /remove (image bytes, multipart field `image` with an optional `background_image`, or JSON
+{"url": ...}; query: `RemovalOptions.from_query`'s model, size, background, refine, format, mask) answers
+the image with X-Model and timing headers; POST /predict runs the network alone (.npy in and out: what
+`RemoteEngine` sends); GET /models, GET /healthz.
 Bad input is a 400 {"error": ...}, an oversized body 413, a full queue 503; the service stays up.
 """
 from __future__ import annotations
@@ -10,29 +11,10 @@ from __future__ import annotations
 import sys
 import time
 
+from .settings import ServeSettings
+
 DEFAULT_PORT = 8000
-
-
-def add_serve_parser(subparsers):
-    """Adds the `serve` subcommand to the CLI's subparsers; returns its parser."""
-    from ..options import add_model_arguments
-
-    serve = subparsers.add_parser("serve", help="an HTTP service on Ray Serve (POST /remove)",
-                                  description="Runs until Ctrl-C. Needs: pip install 'rmbg-demo[ray]'")
-    serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                       help="the Ray cluster (default: RAY_ADDRESS, else a local Ray started here)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
-    add_model_arguments(serve)  # --model, --weights (a path every node sees), --device, --dtype
-    serve.add_argument("--replicas", default="1", metavar="N|auto",
-                       help="replicas of the model; auto: 1 to one per GPU (or 4), by requests in flight")
-    serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests that share a network batch")
-    serve.add_argument("--max-queued", type=int, default=64, metavar="N",
-                       help="requests waiting per deployment beyond those being served; more get 503")
-    serve.add_argument("--max-upload-mb", type=float, default=25.0, help="bigger bodies get 413")
-    serve.add_argument("--allow-private-urls", action="store_true",
-                       help="let {\"url\": ...} bodies reach private and loopback addresses")
-    return serve
+__all__ = ["DEFAULT_PORT", "ServeSettings", "replica_options", "run_serve", "start_service"]
 
 
 def replica_options(replicas: str | int, gpus_in_cluster: float, max_batch: int, max_queued: int,
@@ -72,36 +54,29 @@ def start_service(settings, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT
     return f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
 
 
-def run_serve(args) -> int:
-    from .runtime import RayMissingError, connect, import_ray
+def run_serve(settings: ServeSettings, *, address: str | None = None, host: str = "127.0.0.1",
+              port: int = DEFAULT_PORT, replicas="1", max_queued: int = 64) -> int:
+    """`rmbg serve`: deploys the service and waits for Ctrl-C; 2 when it cannot start."""
+    from .runtime import RayMissingError, import_ray, ray_session
 
     try:
-        ray = import_ray()
+        import_ray()
         from ray import serve
-
-        from .serve_app import ServeSettings
-
-        started_here = connect(args.ray)
-    except (RayMissingError, ValueError, ConnectionError) as exc:
+    except RayMissingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    settings = ServeSettings(model=args.model, weights=str(args.weights) if args.weights else None,
-                             device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                             max_bytes=int(args.max_upload_mb * 1024 * 1024),
-                             allow_private_urls=args.allow_private_urls)
     try:
-        url = start_service(settings, host=args.host, port=args.port, replicas=args.replicas,
-                            max_queued=args.max_queued)
-        print(f"serving on {url}: POST {url}/remove, GET {url}/models, GET {url}/healthz (Ctrl-C stops)",
-              file=sys.stderr)
-        while True:
-            time.sleep(3600)
+        with ray_session(address) as _:
+            try:
+                url = start_service(settings, host=host, port=port, replicas=replicas, max_queued=max_queued)
+                print(f"serving on {url}: POST {url}/remove, GET {url}/models, GET {url}/healthz (Ctrl-C stops)",
+                      file=sys.stderr)
+                while True:
+                    time.sleep(3600)
+            finally:
+                serve.shutdown()
     except KeyboardInterrupt:
         return 0
-    except ValueError as exc:
+    except (ValueError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        serve.shutdown()
-        if started_here:
-            ray.shutdown()

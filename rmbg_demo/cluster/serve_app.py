@@ -1,38 +1,35 @@
 """The Ray Serve deployment behind `rmbg serve` (imports Ray: load it through `serve.py`).
 
-Each replica loads the models it is asked for once; concurrent requests share network batches
-through `@serve.batch` (only the engine call is batched). Decoding, preprocessing, composing and
-encoding run on the replica's threads, per request, so a bad upload fails alone (400) and never
-reaches a shared batch.
+Each replica holds a `ModelPool` (models loaded once, on first request); concurrent requests share network
+batches through `@serve.batch` (only the engine call is batched). Decoding, preprocessing, composing and
+encoding run on the replica's threads, per request, so a bad upload fails alone (400) and never reaches a
+shared batch. Each request's settings are one `RemovalOptions`, read from its query.
 """
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import time
-from dataclasses import dataclass
 
+import numpy as np
+import torch
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS
+from ..imageio import ImageDecodeError, encode_image
+from ..models import REGISTRY
+from ..pipeline import RemovalResult
+from ..pool import ModelPool, PoolSettings
+from ..request import NETWORK_SIDE_RANGE, RemovalOptions, network_size, parse_model, render
+from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp"}
-
-
-@dataclass
-class ServeSettings:
-    model: str = "auto"
-    weights: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    max_batch: int = 8
-    max_bytes: int = 25 * 1024 * 1024
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    allow_private_urls: bool = False
+# /predict's body: one normalised image at the largest network size, as .npy
+MAX_TENSOR_BYTES = 4 * 3 * NETWORK_SIDE_RANGE[1] ** 2 + 4096
 
 
 class BadRequest(ValueError):
@@ -45,54 +42,37 @@ def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _flag(value: str | None) -> bool:
-    return (value or "").lower() in ("1", "true", "yes", "on")
-
-
 @serve.deployment(name="rmbg")
 class Remover:
     def __init__(self, settings: ServeSettings):
-        from ..pipeline import choose_model
-
         self.settings = settings
-        self.default_model = choose_model(settings.model, settings.weights)
-        self.pipelines: dict = {}  # (model, size) -> pipeline; a model's sizes share its engine
-        self._load(self.default_model)
+        # request_batch=1: the replica's batching is @serve.batch's, across its requests
+        self.pool = ModelPool(PoolSettings(model=settings.model, weights=settings.weights, device=settings.device,
+                                           dtype=settings.dtype, batch_size=settings.max_batch,
+                                           max_pixels=settings.max_pixels, request_batch=1, zerogpu=False))
+        self.default_model = self.pool.default
         self._network.set_max_batch_size(max(1, settings.max_batch))
 
-    def _load(self, model: str, size: tuple[int, int] | None = None):
-        """The pipeline of `model` at network size `size` (None: the model's own), built once per replica
-        (on its first request for it); every size of a model runs on the model's one engine."""
-        from ..pipeline import RemovalPipeline
-
-        if (model, None) not in self.pipelines:
-            weights = self.settings.weights if model == self.default_model else None
-            self.pipelines[model, None] = RemovalPipeline(model, weights, self.settings.device, self.settings.dtype,
-                                                          batch_size=self.settings.max_batch,
-                                                          max_pixels=self.settings.max_pixels)
-        if (model, size) not in self.pipelines:
-            base = self.pipelines[model, None]
-            try:
-                self.pipelines[model, size] = RemovalPipeline(base.model_name, batch_size=self.settings.max_batch,
-                                                              max_pixels=self.settings.max_pixels, input_size=size,
-                                                              engine=base.engine)
-            except ValueError as exc:  # a size this model's engine cannot run at (a fixed-size ONNX file)
-                raise BadRequest(f"{model}: {exc}") from None
-        return self.pipelines[model, size]
+    def _pipeline(self, model: str, size):
+        try:
+            return self.pool.pipeline(model, size)
+        except ValueError as exc:  # a size this model's engine cannot run at (a fixed-size ONNX file)
+            raise BadRequest(f"{model}: {exc}") from None
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _network(self, items: list[tuple[tuple, object]]) -> list:
-        """One engine call per (model, size) among the queued requests' preprocessed inputs; answers in their
-        order."""
-        import torch
-
+    async def _network(self, items: list[tuple[str, torch.Tensor]]) -> list:
+        """One engine call per (model, input shape) among the queued requests' preprocessed inputs;
+        answers in their order."""
         out: list = [None] * len(items)
-        for key in dict.fromkeys(k for k, _ in items):
-            indices = [i for i, (k, _) in enumerate(items) if k == key]
+        for key in dict.fromkeys((model, tuple(batch.shape[1:])) for model, batch in items):
+            indices = [i for i, (model, batch) in enumerate(items) if (model, tuple(batch.shape[1:])) == key]
             batch = torch.cat([items[i][1] for i in indices])
-            probabilities = await asyncio.to_thread(self.pipelines[key].engine, batch)
-            for i, probability in zip(indices, probabilities):
-                out[i] = probability
+            probabilities = await asyncio.to_thread(self.pool.engine(key[0]), batch)
+            start = 0
+            for i in indices:
+                count = len(items[i][1])
+                out[i] = probabilities[start:start + count]
+                start += count
         return out
 
     async def __call__(self, request: Request) -> Response:
@@ -104,6 +84,8 @@ class Remover:
                 return JSONResponse(self._models())
             if path.endswith("/remove") and request.method == "POST":
                 return await self._remove(request)
+            if path.endswith("/predict") and request.method == "POST":
+                return await self._predict(request)
             return _error(f"no route {request.method} {path}; use POST /remove, GET /models, GET /healthz", 404)
         except BadRequest as exc:
             return _error(str(exc), exc.status)
@@ -114,34 +96,29 @@ class Remover:
             return _error(f"internal error: {exc.__class__.__name__}: {exc}", 500)
 
     def _models(self) -> dict:
-        from ..models import REGISTRY
-
         return {"default": self.default_model, "batch": self.settings.max_batch,
                 "models": [{"name": name, "title": spec.title, "licence": spec.licence,
-                            "available": self._available(name)} for name, spec in REGISTRY.items()]}
+                            "available": self.pool.available(name)} for name, spec in REGISTRY.items()]}
 
-    def _available(self, name: str) -> bool:
-        """Loaded, or loadable from this replica's disk: a request never waits for a download."""
-        from ..weights import weights_available
-
-        return (name, None) in self.pipelines or weights_available(name)
+    def _model(self, name: str) -> str:
+        """A model this replica can run without a download: a request never waits for one."""
+        name = self.pool.name_of(name)
+        if not self.pool.available(name):
+            raise BadRequest(f"model {name!r} has no weights on this server; GET /models lists the available ones")
+        return name
 
     async def _remove(self, request: Request) -> Response:
-        from ..imageio import ImageDecodeError, encode_image, load_image
-        from ..pipeline import RemovalResult
-
         started = time.perf_counter()
-        query = request.query_params
-        model, fmt = self._model(query.get("model")), (query.get("format") or "png").lower()
-        if fmt not in FORMAT_EXTENSIONS:
-            raise BadRequest(f"format must be one of {', '.join(FORMAT_EXTENSIONS)}, not {fmt!r}")
-        background = self._background(query.get("background"))
-        size = self._size(query.get("size"))
-        data = await self._body(request)
-        pipeline = self._load(model, size)
+        data, background_image = await self._body(request)
+        try:
+            options = RemovalOptions.from_query(request.query_params, background_image)
+        except ValueError as exc:  # OptionError: names the setting and its value
+            raise BadRequest(str(exc)) from None
+        model = self._model(options.model)
+        pipeline = self._pipeline(model, options.size)
 
         def decode():  # this request's own thread: a bad file fails here, alone
-            image = load_image(data, max_pixels=self.settings.max_pixels)
+            image = pipeline.load(data)
             return image, pipeline.preprocess(image)
 
         try:
@@ -149,15 +126,14 @@ class Remover:
         except ImageDecodeError as exc:
             raise BadRequest(str(exc)) from None
         decoded = time.perf_counter()
-        probability = await self._network(((model, size), network_input))
+        probability = (await self._network((model, network_input)))[0]
         networked = time.perf_counter()
 
         def finish() -> bytes:
             mask = pipeline.to_mask(probability, image.size)
-            if _flag(query.get("mask")):
-                return encode_image(mask, fmt)
-            result = RemovalResult(image, mask, model)
-            return encode_image(result.composite(background, refine=_flag(query.get("refine"))), fmt)
+            if options.mask:
+                return encode_image(mask, options.format)
+            return encode_image(render(RemovalResult(image, mask, model), options), options.format)
 
         try:
             body = await asyncio.to_thread(finish)
@@ -166,47 +142,34 @@ class Remover:
         done = time.perf_counter()
         timing = {"decode": decoded - started, "network": networked - decoded, "compose": done - networked}
         headers = {"X-Model": model, "X-Seconds": f"{done - started:.4f}",
-                   "X-Image-Size": f"{image.width}x{image.height}",
-                   "X-Network-Size": f"{pipeline.input_size[1]}x{pipeline.input_size[0]}",
+                   "X-Image-Size": f"{image.width}x{image.height}", "X-Network-Size": str(pipeline.input_size),
                    "Server-Timing": ", ".join(f"{k};dur={1000 * v:.1f}" for k, v in timing.items())}
-        return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
+        return Response(body, media_type=MEDIA_TYPES[options.format], headers=headers)
 
-    def _model(self, name: str | None) -> str:
-        from ..models import REGISTRY
-
-        if not name or name in ("auto", self.default_model):
-            return self.default_model
-        if name not in REGISTRY:
-            raise BadRequest(f"unknown model {name!r}; GET /models lists them")
-        if not self._available(name):
-            raise BadRequest(f"model {name!r} has no weights on this server; GET /models lists the available ones")
-        return name
-
-    @staticmethod
-    def _size(text: str | None) -> tuple[int, int] | None:
-        from ..options import parse_size
-
+    async def _predict(self, request: Request) -> Response:
+        """The network alone: a (B, 3, H, W) float32 .npy of normalised inputs -> (B, 1, h, w) probabilities."""
         try:
-            return parse_size(text)
+            model = self._model(parse_model(request.query_params.get("model")))
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-
-    @staticmethod
-    def _background(spec: str | None):
-        if not spec or spec in ("transparent", "none"):
-            return None
-        if spec == "blur":
-            return spec
-        from ..compose import parse_color
-
+        data = await self._read(request, max(self.settings.max_bytes, MAX_TENSOR_BYTES))
         try:
-            return parse_color(spec)
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise BadRequest(f"the body is not a .npy array: {exc}") from None
+        if array.ndim != 4 or array.shape[1] != 3 or array.dtype != np.float32:
+            raise BadRequest(f"expected a (B, 3, H, W) float32 array, got {array.dtype} {array.shape}")
+        try:
+            size = network_size(*array.shape[2:])
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        self._pipeline(model, size)  # refuses a size this model's engine cannot run at
+        probabilities = await self._network((model, torch.from_numpy(array)))
+        buffer = io.BytesIO()
+        np.save(buffer, probabilities.numpy().astype(np.float32, copy=False), allow_pickle=False)
+        return Response(buffer.getvalue(), media_type="application/x-npy", headers={"X-Model": model})
 
-    async def _body(self, request: Request) -> bytes:
-        """The image's bytes: the raw body, a multipart field `image`, or JSON {"url": ...} fetched safely."""
-        limit = self.settings.max_bytes
+    async def _read(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise BadRequest(f"the request is {int(declared)} bytes, over the {limit} byte limit", 413)
@@ -216,15 +179,23 @@ class Remover:
             if size > limit:
                 raise BadRequest(f"the request is over the {limit} byte limit", 413)
             chunks.append(chunk)
-        data = b"".join(chunks)
+        return b"".join(chunks)
+
+    async def _body(self, request: Request) -> tuple[bytes, bytes | None]:
+        """The image's bytes (the raw body, a multipart field `image`, or JSON {"url": ...} fetched safely),
+        and a multipart `background_image`'s, if any."""
+        data = await self._read(request, self.settings.max_bytes)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
-            return await _multipart_image(request, data)
+            fields = await _multipart_fields(request, data)
+            if "image" not in fields:
+                raise BadRequest("multipart body without an 'image' field")
+            return fields["image"], fields.get("background_image")
         if kind == "application/json":
-            return await self._fetch(data)
+            return await self._fetch(data), None
         if not data:
             raise BadRequest("empty body: send the image's bytes, a multipart field 'image', or JSON {\"url\": ...}")
-        return data
+        return data, None
 
     async def _fetch(self, data: bytes) -> bytes:
         from ..fetch import URLFetchError, fetch_url
@@ -240,18 +211,16 @@ class Remover:
             raise BadRequest(str(exc)) from None
 
 
-async def _multipart_image(request: Request, body: bytes) -> bytes:
-    """The `image` field of a multipart body (already read, so the size cap held)."""
+async def _multipart_fields(request: Request, body: bytes) -> dict[str, bytes]:
+    """The fields of a multipart body (already read, so the size cap held), as bytes."""
     from starlette.datastructures import UploadFile
 
     async def replay():
         yield body
 
     form = await Request(request.scope, receive=_receiver(replay())).form()
-    field = form.get("image")
-    if field is None:
-        raise BadRequest("multipart body without an 'image' field")
-    return await field.read() if isinstance(field, UploadFile) else str(field).encode()
+    return {name: (await value.read() if isinstance(value, UploadFile) else str(value).encode())
+            for name, value in form.items()}
 
 
 def _receiver(chunks):

@@ -70,7 +70,7 @@ class OnnxEngine:
 
     def __init__(self, path, *, device: str = "cpu", output_index: int = 0,
                  activation: Activation | str | None = None, input_size: tuple[int, int] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, model_name: str | None = None):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device {device!r}: OnnxEngine runs on 'cpu' or 'cuda'")
         if activation is not None and activation not in {a.value for a in Activation}:
@@ -83,7 +83,8 @@ class OnnxEngine:
         self._check_input(input_size)
         self.activation = Activation(activation or self.metadata.get("activation") or self._guess_activation())
         self.mean, self.std = (self._metadata_numbers(key) for key in ("mean", "std"))
-        self.model_name = self.metadata.get("model")
+        self.exported_as = self.metadata.get("model")  # our export's metadata names its model
+        self.model_name = self.exported_as or model_name
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] in _GPU_PROVIDERS else "cpu"
         self.fallback = device == "cuda" and self.device == "cpu"
@@ -202,7 +203,7 @@ class OnnxEngine:
     def describe(self) -> str:
         import onnxruntime as ort
 
-        what = f"{self.model_name} ({self.path.name}, {self.dtype})" if self.model_name else \
+        what = f"{self.exported_as} ({self.path.name}, {self.dtype})" if self.exported_as else \
             f"{self.path.name} ({self.dtype})"
         text = f"{what} on {self.device}, onnxruntime {ort.__version__} {self.providers[0]}"
         if self.fallback:

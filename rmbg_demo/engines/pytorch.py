@@ -112,9 +112,11 @@ class TorchEngine:
 
     name = "torch"
     fixed_size = None
+    input_size = None  # any size: the model's own unless asked
 
     def __init__(self, network: nn.Module, *, output_index: int = -1, activation: Activation = Activation.SIGMOID,
-                 device="auto", dtype="auto"):
+                 device="auto", dtype="auto", model_name: str | None = None):
+        self.model_name = model_name
         self.torch_device = pick_device(device)
         self.device = str(self.torch_device)
         self.int8 = dtype == INT8

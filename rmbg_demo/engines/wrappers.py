@@ -26,6 +26,7 @@ class RequestBatcher:
     def __init__(self, engine: Engine, max_batch: int):
         self.engine = engine
         self.name, self.device, self.fixed_size = engine.name, engine.device, engine.fixed_size
+        self.model_name, self.input_size = engine.model_name, engine.input_size
         self.max_batch = max(1, int(max_batch))
         self.batches = 0  # counters, for logs and tests
         self.largest = 0
@@ -113,6 +114,7 @@ class ZeroGpuEngine:
     def __init__(self, engine: Engine, gpu: Callable):
         self.engine = engine
         self.name, self.device, self.fixed_size = engine.name, engine.device, engine.fixed_size
+        self.model_name, self.input_size = engine.model_name, engine.input_size
         self._run = gpu(engine.__call__)
 
     def describe(self) -> str:

@@ -75,6 +75,10 @@ class ModelSpec:
     resize_antialias: bool = True  # input downscaled with antialiasing, as the card's transforms do
     mask_resize: MaskResize = MaskResize.BICUBIC
     aliases: tuple[str, ...] = field(default=())
+    # A traced (exported) graph holds at other heights and widths too: no size-dependent Python branches.
+    traced_size_is_dynamic: bool = False
+    # RAM a Ray model actor reserves for the network, its inputs and outputs (a scheduling hint)
+    actor_memory_mb: int = 4096
 
     def __post_init__(self):
         # Checked when registered: a typo must fail here, not pick another branch at run time.
@@ -200,6 +204,7 @@ register(ModelSpec(
     resize_antialias=False,
     mask_resize=MaskResize.BILINEAR,
     aliases=("rmbg1.4", "RMBG-1.4"),
+    traced_size_is_dynamic=True,
 ))
 register(ModelSpec(
     name="u2netp",
@@ -211,6 +216,7 @@ register(ModelSpec(
     onnx_file=_lazy("u2netp", "bundled_onnx_path"),
     output_index=0,
     activation=Activation.MINMAX,
+    actor_memory_mb=1024,
 ))
 
 

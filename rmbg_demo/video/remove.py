@@ -10,10 +10,7 @@ everything succeeded; a failure anywhere removes them.
 """
 from __future__ import annotations
 
-import os
 import queue
-import secrets
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -25,13 +22,19 @@ import av
 import torch
 from PIL import Image
 
+from ..atomic import atomic_outputs
 from ..imageio import DEFAULT_MAX_PIXELS
 from ..pipeline import RemovalResult
 from .probe import VideoError, VideoInfo, open_input, probe_video, video_stream
 from .smooth import MotionAwareSmoother
 from .writers import ENCODINGS, FrameFolderWriter, VideoWriter
 
-FORMATS = ("webm", "mov", "png", "mp4")
+# Every output format, what it is (the CLI's and the page's choices come from here); the first two keep alpha.
+FORMATS = {"webm": "WebM, VP9 with alpha (plays in browsers)",
+           "mov": "MOV, ProRes 4444 with alpha (for video editors)",
+           "png": "a folder of RGBA PNG frames",
+           "mp4": "MP4, H.264 over a background"}
+ALPHA_FORMATS = ("webm", "mov")
 _UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 _DONE = object()
 
@@ -194,49 +197,6 @@ class _Stopped(Exception):
     """The run was called off; a stage ends quietly."""
 
 
-def _temporary(path: Path, folder: bool) -> Path:
-    """A fresh name beside `path` (same file system, so the final rename is atomic), created with the
-    permissions the umask gives (mkstemp's 0600 would make the output private)."""
-    for _ in range(100):
-        name = path.parent / f".{path.stem}.{secrets.token_hex(4)}.part{'' if folder else path.suffix}"
-        try:
-            if folder:
-                name.mkdir()
-            else:
-                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return name
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name beside {path}")
-
-
-def _discard(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _commit(temporary: Path, final: Path, overwrite: bool) -> None:
-    """Moves a finished output into place. Without `overwrite` an existing output is never replaced, even one
-    that appeared meanwhile (a hard link or a directory rename fails rather than replaces)."""
-    if temporary.is_dir():
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to replace it")
-            old = _temporary(final, folder=True)
-            os.replace(final, old / final.name)
-            os.replace(temporary, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(temporary, final)
-    elif overwrite:
-        os.replace(temporary, final)
-    else:
-        os.link(temporary, final)
-        temporary.unlink()
-
-
 def _check_outputs(src: Path, paths: dict[str, Path], overwrite: bool) -> None:
     for path in paths.values():
         if path.resolve() == src.resolve():
@@ -279,9 +239,8 @@ def remove_video(pipeline, src, out_dir, *, fmt: str = "webm", background=None, 
     paths = output_paths(src, out_dir, fmt=fmt, background=background, mask=mask)
     _check_outputs(src, paths, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    temporaries = {kind: _temporary(path, folder=kind == "frames") for kind, path in paths.items()}
     stages = _Stages(pipeline, info, max(1, int(batch_size or pipeline.batch_size)), smooth)
-    try:
+    with atomic_outputs(paths, overwrite=overwrite, folders=frozenset({"frames"})) as temporaries:
         writers = _open_writers(temporaries, fmt, info)
         try:
             done = _encode_all(stages, writers, pipeline, background, refine, info, progress)
@@ -293,19 +252,6 @@ def remove_video(pipeline, src, out_dir, *, fmt: str = "webm", background=None, 
             stages.close()
             for writer in writers.values():
                 writer.close()
-        committed = []
-        try:
-            for kind, path in paths.items():
-                _commit(temporaries[kind], path, overwrite)
-                committed.append(path)
-        except BaseException:
-            for path in committed:  # all outputs or none (a rival writer may have taken one name meanwhile)
-                _discard(path)
-            raise
-    except BaseException:
-        for path in temporaries.values():
-            _discard(path)
-        raise
     return VideoResult(paths, done, info.fps, time.perf_counter() - started, info, dict(stages.timings))
 
 

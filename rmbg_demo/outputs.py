@@ -1,0 +1,139 @@
+"""A removal run over files (`rmbg remove`, with or without `--ray`): what it reads, where each output goes,
+and what is left to do. One planner for both, so that the names and rules are the same:
+
+- OUT/<stem><ext> (the cut-out or composite), OUT/<stem>_mask<ext> with a mask; a clip's outputs as
+  `rmbg_demo.video.output_paths` names them;
+- an output never replaces an input, nor another input's output (same stem): that input fails, alone;
+- existing outputs are kept unless --overwrite, so a rerun writes only what is missing.
+
+Locations are local paths or object-storage URIs (`rmbg_demo.storage`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import storage
+from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from .manifest import ManifestRecord
+from .request import RemovalOptions
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """How a run over files goes, beside what each image asks for (`RemovalOptions`)."""
+
+    inputs: tuple[str, ...]
+    output: str  # a folder, or with --ray an object-storage prefix
+    recursive: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    manifest: str | None = None
+    batch_size: int = 1
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    weights: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: str | None = None
+    # clips among the inputs
+    video_format: str = "webm"
+    smooth: bool = False
+    max_video_seconds: float | None = None
+
+    @classmethod
+    def from_args(cls, args) -> BatchRun:
+        return cls(inputs=tuple(str(i) for i in args.inputs), output=storage.location(args.output),
+                   recursive=args.recursive, overwrite=args.overwrite, quiet=args.quiet, manifest=args.manifest,
+                   batch_size=max(1, args.batch_size), max_pixels=args.max_pixels,
+                   weights=str(args.weights) if args.weights else None, device=args.device, dtype=args.dtype,
+                   compile=args.compile, video_format=args.video_format, smooth=args.smooth,
+                   max_video_seconds=args.max_video_seconds)
+
+
+@dataclass
+class Job:
+    source: str
+    outputs: dict[str, str]  # kind ("image", "mask"; a clip's "video"/"frames") -> location
+    todo: dict[str, str] = field(default_factory=dict)  # those to write now; the others exist and are kept
+    video: bool = False
+
+    @property
+    def kept(self) -> list[str]:
+        return [location for kind, location in self.outputs.items() if kind not in self.todo]
+
+
+@dataclass
+class Plan:
+    jobs: list[Job] = field(default_factory=list)
+    skipped: list[Job] = field(default_factory=list)  # every output there already
+    failed: list[ManifestRecord] = field(default_factory=list)  # inputs that cannot run (missing, name clash)
+
+
+def image_outputs(source: str, out: str, options: RemovalOptions) -> dict[str, str]:
+    stem = storage.stem(source)
+    outputs = {"image": storage.join(out, f"{stem}{options.extension}")}
+    if options.mask:
+        outputs["mask"] = storage.join(out, f"{stem}_mask{options.extension}")
+    return outputs
+
+
+# (source, out, options) -> (outputs, is a clip); raises ValueError when the input cannot run
+OutputsFor = Callable[[str, str, RemovalOptions], tuple[dict[str, str], bool]]
+
+
+def images_only(source: str, out: str, options: RemovalOptions) -> tuple[dict[str, str], bool]:
+    return image_outputs(source, out, options), False
+
+
+def canonical(location: str) -> str:
+    return location if storage.is_uri(location) else str(Path(location).resolve())
+
+
+def plan_outputs(run: BatchRun, options: RemovalOptions, *, outputs_for: OutputsFor = images_only,
+                 extensions=IMAGE_EXTENSIONS) -> Plan:
+    """The inputs (files, folders, globs, URIs) -> jobs with their outputs, inputs skipped, inputs failed."""
+    plan = Plan()
+    sources, errors = storage.list_images(run.inputs, recursive=run.recursive, extensions=extensions)
+    plan.failed += [ManifestRecord(input=text.split(": ", 1)[0], error=text.split(": ", 1)[-1]) for text in errors]
+    out = run.output
+    exists = _existence(out)
+    inputs = {canonical(s) for s in sources}
+    taken: dict[str, str] = {}
+    for source in sources:
+        try:
+            outputs, video = outputs_for(source, out, options)
+        except ValueError as exc:  # e.g. a clip that cannot take these settings
+            plan.failed.append(ManifestRecord(input=source, error=str(exc)))
+            continue
+        problem = _clash(outputs, inputs, taken)
+        if problem:
+            plan.failed.append(ManifestRecord(input=source, error=problem))
+            continue
+        taken.update({canonical(p): source for p in outputs.values()})
+        todo = {kind: p for kind, p in outputs.items() if run.overwrite or not exists(p)}
+        job = Job(source, outputs, todo, video)
+        (plan.jobs if todo else plan.skipped).append(job)
+    return plan
+
+
+def _existence(out: str) -> Callable[[str], bool]:
+    """Whether an output is there: one listing for object storage (cheaper than a request per output)."""
+    if storage.is_uri(out):
+        existing = storage.existing_files(out)
+        return lambda location: location in existing
+    return lambda location: Path(location).exists()
+
+
+def _clash(outputs: dict[str, str], inputs: set[str], taken: dict[str, str]) -> str | None:
+    for location in outputs.values():
+        resolved = canonical(location)
+        if resolved in inputs:
+            return f"its output {location} would overwrite an input; choose another -o folder"
+        if resolved in taken:
+            return f"its output {location} is also the output of {taken[resolved]} (same name); rename one"
+    return None
+
+
+def skipped_record(job: Job) -> ManifestRecord:
+    return ManifestRecord(input=job.source, outputs=list(job.outputs.values()), skipped=True)

@@ -1,0 +1,129 @@
+"""One request, four front ends, the same pictures: `rmbg remove`, `rmbg remove --ray`, the page (a real Gradio
+server, through gradio_client) and the HTTP service (Ray Serve, real HTTP through our client) each take the
+same settings matrix (model, network size, colour background, background image, refine, webp, mask) on the
+same photos. u2netp must agree to the bit; BiRefNet lite (fixture weights, PyTorch) within 1/255.
+
+The page runs in this process (a real server on 127.0.0.1; building it here saves an interpreter start and
+a torch import); the service and the job run on the tests' local Ray."""
+import io
+import shutil
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from helpers import ASSETS, free_port, rmbg_in_process
+from PIL import Image
+
+from rmbg_demo.cli import build_parser
+from rmbg_demo.client import RemoteRemover
+from rmbg_demo.request import RemovalOptions
+
+PHOTOS = ("chelsea.jpg", "coffee.jpg")
+BACKDROP = ASSETS / "brick.jpg"
+
+# name -> (CLI flags, the page's widgets after the model: background choice, colour, background image, refine,
+# format, resolution); the model is each case's first flag.
+CASES = {
+    "u2netp colour webp mask": (["--model", "u2netp", "--background", "#3050a0", "--format", "webp", "--mask"],
+                                ("colour", "#3050a0", None, False, "webp", "auto")),
+    "u2netp image refine": (["--model", "u2netp", "--background", str(BACKDROP), "--refine", "--mask"],
+                            ("image", "#ffffff", BACKDROP, True, "png", "auto")),
+    "lite 512x384 transparent mask": (["--model", "birefnet-lite", "--size", "512x384", "--mask"],
+                                      ("transparent", "#ffffff", None, False, "png", "512x384")),
+}
+
+
+def pixels(source) -> np.ndarray:
+    return np.asarray(Image.open(source), dtype=int)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for name in PHOTOS:
+        shutil.copy(ASSETS / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def page(lite_weights_file):
+    """The page with BiRefNet lite's fixture weights as its model (u2netp is embedded beside it)."""
+    from rmbg_demo.ui import DemoConfig, build_demo
+
+    demo = build_demo(DemoConfig(model="birefnet-lite", weights=str(lite_weights_file), device="cpu",
+                                 dtype="float32", allow_private_urls=True))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def service(local_ray, lite_weights_file):
+    """`rmbg serve` with the same model and weights; no CPU reserved, so that a Ray job can run beside it."""
+    from ray import serve
+
+    from rmbg_demo.cluster.serve import ServeSettings, start_service
+
+    settings = ServeSettings(model="birefnet-lite", weights=str(lite_weights_file), device="cpu", dtype="float32",
+                             max_batch=2)
+    yield RemoteRemover(start_service(settings, port=free_port(), num_cpus=0))
+    serve.shutdown()
+
+
+def by_cli(photos, out, flags, *extra):
+    run = rmbg_in_process("remove", *(photos / name for name in PHOTOS), "-o", out, *flags, *extra)
+    assert run.returncode == 0, run.stderr
+    ext = "." + (flags[flags.index("--format") + 1] if "--format" in flags else "png")
+    return {name: (pixels(out / f"{name.split('.')[0]}{ext}"), pixels(out / f"{name.split('.')[0]}_mask{ext}"))
+            for name in PHOTOS}
+
+
+def by_page(client, model, widgets):
+    choice, colour, backdrop, refine, fmt, resolution = widgets
+    answers = {}
+    for name in PHOTOS:
+        result = client.predict(handle_file(str(ASSETS / name)), model, choice, colour,
+                                handle_file(str(backdrop)) if backdrop else None, refine, fmt, resolution,
+                                api_name="/image")
+        assert f"[{model}] at {resolution if resolution != 'auto' else '320x320'}" in result[4]
+        answers[name] = (pixels(result[1]), pixels(result[2]))
+    return answers
+
+
+def by_service(remote, options):
+    answers = {}
+    for name in PHOTOS:
+        data = (ASSETS / name).read_bytes()
+        image, headers = remote.remove(data, options.replace(mask=False))
+        mask, _ = remote.remove(data, options.replace(mask=True))
+        assert headers["X-Model"] == options.model
+        answers[name] = (pixels(io.BytesIO(image)), pixels(io.BytesIO(mask)))
+    return answers
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_front_end_gives_the_same_pictures(case, photos, page, service, lite_weights_file, tmp_path):
+    flags, widgets = CASES[case]
+    model = flags[1]
+    options = RemovalOptions.from_args(build_parser().parse_args(["remove", "x", "-o", "y", *flags]))
+    # The page and the service were started with these (the CLI's --dtype auto is bfloat16 on some CPUs).
+    engine = ["--weights", lite_weights_file, "--device", "cpu", "--dtype", "float32"] if model != "u2netp" else []
+    results = {
+        "cli": by_cli(photos, tmp_path / "cli", flags, *engine),
+        "ray": by_cli(photos, tmp_path / "ray", flags, *engine, "--ray", "-q"),
+        "page": by_page(page, model, widgets),
+        "service": by_service(service, options),
+    }
+    budget = 0 if model == "u2netp" else 1
+    reference = results["cli"]
+    for front_end, answers in results.items():
+        for name in PHOTOS:
+            for kind, got, expected in zip(("picture", "mask"), answers[name], reference[name]):
+                assert got.shape == expected.shape, (front_end, name, kind)
+                worst = np.abs(got - expected).max()
+                assert worst <= budget, f"{front_end} differs from the CLI by {worst}/255 on {name}'s {kind}"
+    mask = reference[PHOTOS[0]][1]
+    assert mask.std() > 4  # a mask with something in it (fixture weights give soft ones), not a constant
+    if model == "u2netp":
+        assert mask.min() < 10 and mask.max() > 245  # a real subject
