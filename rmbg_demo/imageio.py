@@ -11,6 +11,7 @@ import io
 import os
 import re
 import struct
+import traceback
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,11 @@ def _register_heif() -> None:
 
 
 def _describe(source) -> str:
-    return f" ({Path(source).name})" if isinstance(source, (str, os.PathLike)) else ""
+    """" (name)" for a path or a file object opened from one, "" for bytes and in-memory buffers."""
+    if isinstance(source, (str, os.PathLike)):
+        return f" ({Path(source).name})"
+    name = getattr(source, "name", None)  # an open file; a BytesIO has no name
+    return f" ({Path(name).name})" if isinstance(name, str) and name else ""
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int | None, where: str) -> None:
@@ -55,36 +60,136 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None, where: str) -> 
             f"{max_pixels / 1e6:.1f} MP limit; raise max_pixels to allow it")
 
 
-def _open(source, where: str, max_pixels: int | None) -> Image.Image:
+def _read(source, where: str) -> bytes:
+    """The bytes of a path, bytes-like or file object: read once; a path's file is never touched again."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise ImageDecodeError(f"no such file: {path}")
-        data = path.read_bytes()  # read once; the file itself is never touched again
+        data = path.read_bytes()
     elif isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif hasattr(source, "read"):
         data = source.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageDecodeError(f"not an image{where}: the file object gives {type(data).__name__}, not bytes "
+                                   "(open it in binary mode, 'rb')")
+        data = bytes(data)
     else:
         raise ImageDecodeError(f"cannot read an image from a {type(source).__name__}")
     if not data:
         raise ImageDecodeError(f"not an image{where}: the data is empty")
-    _register_heif()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageDecodeError(
-            f"not an image{where}: no decoder recognises this data ({len(data)} bytes starting {data[:16]!r})"
-        ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    return data
+
+
+# Pillow's names for formats, as people write them.
+_FORMAT_NAMES = {"WEBP": "WebP", "JPEG2000": "JPEG 2000", "MPO": "JPEG"}
+# Plugins that read the whole file when they open it: how far they read says nothing.
+_READS_WHOLE_FILE = {"WEBP", "HEIF", "AVIF"}
+# The PNG chunks whose compressed content Pillow inflates at most PngImagePlugin.MAX_TEXT_CHUNK of.
+_PNG_INFLATED_CHUNKS = {"chunk_zTXt": "its zTXt text chunk", "chunk_iTXt": "its iTXt text chunk",
+                        "chunk_iCCP": "its ICC colour profile (iCCP chunk)"}
+_TRUNCATED = "the file ends early"
+
+
+def _claimants(data: bytes):
+    """(format, plugin factory) of each plugin whose signature check claims these bytes, in Pillow's order."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            claimed = accept(prefix) if accept else False
+        except Exception:  # a signature check that fails has not claimed the data
+            continue
+        if claimed and not isinstance(claimed, str):  # a string says "support not installed": no claim
+            yield fmt, factory
+
+
+def _hidden_open_error(data: bytes) -> tuple[str | None, BaseException | None, int | None]:
+    """(format, the error its plugin raised, how far it had read) for data Image.open found no plugin for.
+
+    Image.open moves on to the next plugin when one raises SyntaxError, IndexError, TypeError or
+    struct.error (a PNG with a bad chunk checksum, a PNG or JPEG cut in its header), then reports
+    only that nothing recognised the data; the plugin whose signature matched tells the real error."""
+    for fmt, factory in _claimants(data):
+        buffer = io.BytesIO(data)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                factory(buffer, "").close()
+        except Exception as exc:  # whatever it is, it is the reason
+            return fmt, exc, buffer.tell()
+    return None, None, None
+
+
+def _reason(exc: BaseException, fmt: str | None, data: bytes | None, at_open: bool,
+            read_to: int | None) -> tuple[str, str]:
+    """(what the file is: "refused", "corrupt" or "truncated or corrupt"; why, in plain words).
+
+    A file that ends early may as well carry a damaged length or offset: that stays "truncated or corrupt"."""
+    from PIL import PngImagePlugin
+
+    text = " ".join(str(exc).split())  # libheif ends its messages with a newline
+    lower = text.lower()
+    ended = f"{_TRUNCATED} (inside its header)" if at_open else _TRUNCATED
+    if isinstance(exc, ValueError) and "decompressed data too large" in lower:
+        frames = {frame.name for frame in traceback.extract_tb(exc.__traceback__)}
+        chunk = next((what for name, what in _PNG_INFLATED_CHUNKS.items() if name in frames), "a compressed chunk")
+        return "refused", (f"{chunk} inflates past Pillow's {PngImagePlugin.MAX_TEXT_CHUNK / 2**20:g} MB limit "
+                           "for text (a decompression bomb)")
+    if isinstance(exc, ValueError) and "too much memory used in text chunks" in lower:
+        return "refused", (f"its text chunks together inflate past Pillow's {PngImagePlugin.MAX_TEXT_MEMORY / 2**20:g}"
+                           " MB limit (a decompression bomb)")
+    if isinstance(exc, MemoryError):
+        return "refused", "decoding it needs more memory than is free"
+    checksum = re.search(r"bad header checksum in b'(\w+)'", text)
+    if checksum:
+        return "corrupt", f"a chunk's checksum is wrong ({checksum.group(1)})"
+    stated = struct.unpack("<I", data[4:8])[0] + 8 if data and data[:4] == b"RIFF" and len(data) >= 8 else None
+    if stated and stated > len(data):  # a RIFF container (WebP) states its length
+        return "truncated or corrupt", f"{_TRUNCATED} (its header states {stated} bytes, there are {len(data)})"
+    if (isinstance(exc, EOFError) or isinstance(exc, struct.error) and "requires a buffer" in lower
+            or any(words in lower for words in ("truncated", "incomplete", "end of file", "file size too small"))):
+        return "truncated or corrupt", ended
+    if isinstance(exc, zlib.error) or "data stream" in lower or "decoder error" in lower:
+        return "corrupt", f"the compressed {'data in its header' if at_open else 'pixel data'} is damaged"
+    if at_open and data and read_to is not None and read_to >= len(data) and fmt not in _READS_WHOLE_FILE:
+        # The header reader got to the end of the data (or was sent past it) before it failed.
+        return "truncated or corrupt", ended
+    if fmt == "WEBP" and "decoder object" in lower:
+        return "corrupt", "libwebp cannot decode it"
+    detail = text or type(exc).__name__
+    if isinstance(exc, (IndexError, TypeError, KeyError, AttributeError, struct.error)):
+        detail = f"malformed data broke Pillow's {_FORMAT_NAMES.get(fmt, fmt) or 'image'} reader ({detail})"
+    if detail[1:2].islower():  # "Unsupported BMP ..." -> "unsupported BMP ...", "EXIF ..." stays
+        detail = detail[0].lower() + detail[1:]
+    return "corrupt", detail
+
+
+def _decode_error(exc: BaseException, where: str, data: bytes | None, fmt: str | None, max_pixels: int | None,
+                  *, at_open: bool, read_to: int | None = None) -> ImageDecodeError:
+    """The one place where every error that decoding raises, in Image.open (`at_open`, having read
+    `read_to` bytes) or in the pixel decoding after it, becomes an ImageDecodeError that names the
+    file (`where`), the format Pillow identified and the reason."""
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         # Pillow's own guard fired while reading the header; report it against our limit.
         claimed = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(claimed.group(1)) / 1e6:.1f} MP" if claimed else "too many pixels"
         limit = f"the {max_pixels / 1e6:.1f} MP limit" if max_pixels else "Pillow's limit"
-        raise ImageDecodeError(f"image{where} claims {size}, over {limit}; refused as a decompression bomb "
-                               f"before decoding") from None
+        return ImageDecodeError(f"image{where} claims {size}, over {limit}; refused as a decompression bomb "
+                                "before decoding")
+    if isinstance(exc, UnidentifiedImageError) and data is not None:
+        fmt, hidden, read_to = _hidden_open_error(data)
+        if hidden is None:
+            return ImageDecodeError(f"not an image{where}: no decoder recognises this data "
+                                    f"({len(data)} bytes starting {data[:16]!r})")
+        exc = hidden
+    elif fmt is None and data is not None:
+        fmt = next((claimed for claimed, _ in _claimants(data)), None)
+    state, why = _reason(exc, fmt, data, at_open, read_to)
+    name = f"{_FORMAT_NAMES.get(fmt, fmt)} image" if fmt else "image"
+    return ImageDecodeError(f"{name}{where} is {state}: {why}")
 
 
 def _to_rgb_or_rgba(image: Image.Image) -> Image.Image:
@@ -128,25 +233,43 @@ def _from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
 
 
 def load_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A fully decoded RGB (or RGBA, if transparent) image, EXIF orientation applied, first frame only."""
+    """A fully decoded RGB (or RGBA, if transparent) image, EXIF orientation applied, first frame only.
+
+    Raises ImageDecodeError (a ValueError) for anything that is not a usable image: a missing file,
+    empty data, data no decoder recognises, sizes over `max_pixels`, and every failure of the decoder
+    itself, whether Image.open meets it or the pixel decoding that follows (truncated files, broken
+    checksums, damaged pixel data, PNG text chunks that inflate past Pillow's limit). The message
+    names the file (for a path or an open file), the format and the reason."""
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels)
     where = _describe(source)
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        if max_pixels and max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-            Image.MAX_IMAGE_PIXELS = max_pixels  # a caller asked for more than Pillow's guard allows
-        image = _open(source, where, max_pixels)
-    _check_pixels(image.size, max_pixels, where)
+    # Reading is not decoding: a missing file is "no such file", an unreadable one its OSError.
+    data = None if isinstance(source, Image.Image) else _read(source, where)
+    image = source if data is None else None
     try:
+        if image is None:
+            if max_pixels and max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+                Image.MAX_IMAGE_PIXELS = max_pixels  # a caller asked for more than Pillow's guard allows
+            _register_heif()
+            buffer = io.BytesIO(data)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    image = Image.open(buffer)
+            except Exception as exc:
+                read_to = None if buffer.closed else buffer.tell()
+                raise _decode_error(exc, where, data, None, max_pixels, at_open=True, read_to=read_to) from exc
+        _check_pixels(image.size, max_pixels, where)
+        # Pixels are decoded lazily: counting frames (GIF), load() and the conversions all decode.
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
         image.load()
         image = ImageOps.exif_transpose(image) or image
-    except Exception as exc:  # decoders raise OSError, SyntaxError, zlib.error, ValueError...
-        raise ImageDecodeError(f"image{where} is truncated or corrupt: {exc}") from None
-    return _to_rgb_or_rgba(image)
+        return _to_rgb_or_rgba(image)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, EOFError, zlib.error...
+        raise _decode_error(exc, where, data, image.format, max_pixels, at_open=False) from exc
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -3,6 +3,7 @@ local HTTP servers. Fixtures that use them live in conftest.py."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -65,13 +66,101 @@ def composite_on_texture(texture: str, size=(640, 480), seed=0):
     return Image.fromarray(image.astype(np.uint8)), truth
 
 
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """One PNG chunk: length, type, payload and the CRC of type and payload."""
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header claiming a huge 1-bit image, followed by a tiny compressed block."""
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     body = zlib.compress(b"\x00" * ((width + 7) // 8 + 1) * 8)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", body) + png_chunk(b"IEND", b"")
+
+
+# Hostile image files, each made from a small good one. PNG layout: 8-byte signature, then the IHDR chunk
+# (25 bytes) ends at byte 33; the pixel data (IDAT) follows.
+PNG_AFTER_IHDR = 33
+
+
+def small_image_bytes(fmt: str = "PNG", size=(64, 48), **options) -> bytes:
+    """A real, valid `fmt` file (Pillow's format name) of a smooth colour gradient: the good file
+    the hostile ones are made from."""
+    width, height = size
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    pixels = np.stack([x, y, 255 - x], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=4)
+def zeros_zlib(size_mib: int) -> bytes:
+    """A zlib stream that inflates to `size_mib` MiB of zeros, about 1000x smaller, made without ever
+    holding the zeros: one independently compressed MiB (a full flush ends it on a byte boundary and
+    resets the compressor), repeated, then the end of the stream and the Adler-32 of it all."""
+    mib = bytes(1 << 20)
+    compressor = zlib.compressobj(9)
+    head = compressor.compress(mib) + compressor.flush(zlib.Z_FULL_FLUSH)  # zlib header + the first MiB
+    one = compressor.compress(mib) + compressor.flush(zlib.Z_FULL_FLUSH)  # a MiB that stands on its own
+    tail = compressor.flush(zlib.Z_FINISH)[:-4]  # the final (empty) block, without the checksum
+    adler = 1
+    for _ in range(size_mib):
+        adler = zlib.adler32(mib, adler)
+    return head + one * (size_mib - 1) + tail + struct.pack(">I", adler)
+
+
+def ztxt_bomb_png(inflated_mib: int = 100, *, after_pixels: bool = False) -> bytes:
+    """A valid small PNG with a zTXt text chunk whose text inflates to `inflated_mib` MiB (the file is
+    about 1000x smaller), placed before the pixel data (Pillow meets it in Image.open) or after it
+    (at .load())."""
+    png = small_image_bytes("PNG")
+    ztxt = png_chunk(b"zTXt", b"Comment\x00\x00" + zeros_zlib(inflated_mib))
+    if after_pixels:
+        return png[:-12] + ztxt + png[-12:]  # the IEND chunk is the last 12 bytes
+    return png[:PNG_AFTER_IHDR] + ztxt + png[PNG_AFTER_IHDR:]
+
+
+def png_with_bad_crc() -> bytes:
+    """A small PNG with a tEXt chunk before the pixel data whose CRC does not match its content."""
+    png = small_image_bytes("PNG")
+    text = bytearray(png_chunk(b"tEXt", b"Comment\x00hello"))
+    text[-1] ^= 0xFF
+    return png[:PNG_AFTER_IHDR] + bytes(text) + png[PNG_AFTER_IHDR:]
+
+
+def png_with_corrupt_idat() -> bytes:
+    """A small PNG whose pixel data (IDAT, CRC intact) is not a zlib stream."""
+    png = small_image_bytes("PNG")
+    start = png.index(b"IDAT")
+    length = struct.unpack(">I", png[start - 4:start])[0]
+    payload = bytes(length)  # zeros: "unrecognized data stream contents" to zlib
+    return png[:start - 4] + png_chunk(b"IDAT", payload) + png[start + 4 + length + 4:]
+
+
+def truncated_image(fmt: str, keep: float = 0.5) -> bytes:
+    """The first `keep` of a small `fmt` file, as an interrupted download leaves it."""
+    data = small_image_bytes(fmt)
+    return data[:int(len(data) * keep)]
+
+
+def image_with_broken_header(fmt: str) -> bytes:
+    """A small GIF, BMP or TIFF whose header is damaged (its signature intact): a GIF whose image
+    descriptor states an impossible LZW code size (12; at most 8 is valid), a BMP with an unknown
+    info-header size, a TIFF whose first directory lies past the end of the file."""
+    data = bytearray(small_image_bytes(fmt))
+    if fmt == "GIF":
+        flags = data[10]  # the global colour table, if any, follows the 13-byte screen descriptor
+        descriptor = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+        assert data[descriptor:descriptor + 1] == b",", "the small GIF starts with its image"
+        data[descriptor + 10] = 12  # after the separator, 4 position/size words and the flags byte
+    elif fmt == "BMP":
+        data[14:18] = struct.pack("<I", 7)
+    elif fmt == "TIFF":
+        data[4:8] = struct.pack("<I", 1 << 30)
+    else:
+        raise ValueError(f"no broken header for {fmt}")
+    return bytes(data)
 
 
 CLOSED_HUB = "http://127.0.0.1:9"  # the discard port, closed here: a hub that cannot be reached

@@ -1,10 +1,20 @@
 """Every input kind and mode decodes to what the pipeline expects; bad data is refused by name."""
 import io
 import os
+import re
 
 import numpy as np
 import pytest
-from helpers import ASSETS, bomb_png
+from helpers import (
+    ASSETS,
+    bomb_png,
+    image_with_broken_header,
+    png_with_bad_crc,
+    png_with_corrupt_idat,
+    small_image_bytes,
+    truncated_image,
+    ztxt_bomb_png,
+)
 from PIL import Image
 
 from rmbg_demo.atomic import write_atomic
@@ -137,6 +147,49 @@ def test_truncated_and_non_images(photo, tmp_path):
         load_image(b"")
     with pytest.raises(ImageDecodeError, match="no such file"):
         load_image(tmp_path / "absent.png")
+
+
+# Hostile files: (file name, maker, the format Pillow identifies, how the file is, the reason in plain words).
+HOSTILE = {
+    "zTXt bomb before the pixels": ("bomb.png", ztxt_bomb_png, "PNG", "refused",
+                                    r"its zTXt text chunk inflates past Pillow's 1 MB limit for text"),
+    "zTXt bomb after the pixels": ("late.png", lambda: ztxt_bomb_png(after_pixels=True), "PNG", "refused",
+                                   r"its zTXt text chunk inflates past Pillow's 1 MB limit for text"),
+    "PNG chunk CRC": ("crc.png", png_with_bad_crc, "PNG", "corrupt", r"a chunk's checksum is wrong \(tEXt\)"),
+    "PNG pixel data": ("idat.png", png_with_corrupt_idat, "PNG", "corrupt", r"the compressed pixel data is damaged"),
+    "truncated WebP": ("cut.webp", lambda: truncated_image("WEBP"), "WebP", "truncated or corrupt",
+                       r"the file ends early \(its header states \d+ bytes, there are \d+\)"),
+    "truncated JPEG": ("cut.jpg", lambda: truncated_image("JPEG"), "JPEG", "truncated or corrupt", "the file ends early"),
+    "truncated PNG": ("cut.png", lambda: truncated_image("PNG"), "PNG", "truncated or corrupt", "the file ends early"),
+    "PNG cut in its header": ("head.png", lambda: small_image_bytes("PNG")[:40], "PNG", "truncated or corrupt",
+                              "the file ends early"),
+    "truncated GIF": ("cut.gif", lambda: truncated_image("GIF"), "GIF", "truncated or corrupt", "the file ends early"),
+    "GIF LZW code size": ("lzw.gif", lambda: image_with_broken_header("GIF"), "GIF", "corrupt",
+                          r"the compressed pixel data is damaged"),
+    "BMP header": ("bad.bmp", lambda: image_with_broken_header("BMP"), "BMP", "corrupt",
+                   r"unsupported BMP header type \(7\)"),
+    "TIFF directory": ("bad.tif", lambda: image_with_broken_header("TIFF"), "TIFF", "truncated or corrupt",
+                       "the file ends early"),
+}
+
+
+@pytest.mark.parametrize("kind", ["path", "bytes", "file object"])
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_files_are_refused_with_a_plain_reason(case, kind, tmp_path):
+    name, make, fmt, state, reason = HOSTILE[case]
+    path = tmp_path / name
+    path.write_bytes(make())
+    with pytest.raises(ImageDecodeError) as error:
+        if kind == "file object":
+            with open(path, "rb") as handle:
+                load_image(handle)
+        else:
+            load_image(path if kind == "path" else path.read_bytes())
+    where = "" if kind == "bytes" else f" ({name})"
+    message = str(error.value)
+    assert re.fullmatch(rf"{fmt} image{re.escape(where)} is {state}: {reason}.*", message), message
+    assert "Truncated File Read" not in message
+    assert load_image(small_image_bytes("PNG")).size == (64, 48)  # nothing stays broken for the next file
 
 
 def test_a_path_input_is_never_modified(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from rmbg_demo.pipeline import RemovalPipeline
-from rmbg_demo.video import VideoError, is_video, probe_video, remove_video
+from rmbg_demo.video import VideoError, classify_media, is_video, probe_video, remove_video
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SIZE = (160, 120)
@@ -331,3 +331,48 @@ def test_videos_are_recognised_by_content(phone_clip, tmp_path):
     assert not is_video(audio_only(tmp_path / "song.mp4"))
     assert not is_video(tmp_path / "notes.webm")
     assert not is_video(tmp_path / "missing.mp4")
+
+
+def written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+# Files that look like a video but cannot be used: classify_media says what is wrong instead of passing
+# them on to the image decoder (which could only say "not an image").
+UNUSABLE_VIDEOS = {
+    "truncated mp4": (lambda d, clip: truncated(clip, d / "cut.mp4"),
+                      r"cut.mp4: an MP4/MOV file without its index \(moov atom\): the file is truncated"),
+    "zero-byte mp4": (lambda d, clip: written(d / "empty.mp4", b""), r"empty.mp4: the file is empty \(0 bytes\)"),
+    "audio only": (lambda d, clip: audio_only(d / "song.mp4"), r"song.mp4: no video stream \(the file holds audio\)"),
+    "20000x20000 y4m": (lambda d, clip: written(d / "huge.y4m", y4m_header(20000, 20000) + b"FRAME\n" + bytes(4096)),
+                        r"huge.y4m: frames are 20000x20000 \(400.0 MP\), over the 50.0 MP limit per frame"),
+}
+
+
+@pytest.mark.parametrize("case", UNUSABLE_VIDEOS)
+def test_classify_media_says_what_is_wrong_with_a_video(case, phone_clip, tmp_path):
+    make, message = UNUSABLE_VIDEOS[case]
+    path = make(tmp_path, phone_clip[0])
+    with pytest.raises(VideoError, match=message):
+        classify_media(path)
+    with pytest.raises(VideoError, match=message):
+        probe_video(path)
+
+
+def test_classify_media_leaves_images_to_the_image_decoder(phone_clip, tmp_path):
+    assert classify_media(phone_clip[0]) == "video"
+    shutil.copy(phone_clip[0], tmp_path / "clip")  # no extension: judged by content
+    assert classify_media(tmp_path / "clip") == "video"
+    shutil.copy(ASSETS / "chelsea.jpg", tmp_path / "cat.mp4")
+    assert classify_media(tmp_path / "cat.mp4") == "image"  # a JPEG renamed .mp4 is an image
+    assert classify_media(written(tmp_path / "notes.webm", b"not a video\n" * 20)) == "image"  # no container at all
+    assert classify_media(written(tmp_path / "blank", b"")) == "image"  # empty, no video extension
+    # An image extension always goes to the image decoder, which names its own problems; nothing is opened.
+    shutil.copy(phone_clip[0], tmp_path / "clip.jpg")
+    assert classify_media(tmp_path / "clip.jpg") == "image"
+    assert classify_media(written(tmp_path / "empty.png", b"")) == "image"
+    assert classify_media(tmp_path / "absent.png") == "image"
+    with pytest.raises(VideoError, match="no such file"):
+        classify_media(tmp_path / "absent.mp4")
+    assert is_video(tmp_path / "clip.jpg")  # is_video still judges by content alone

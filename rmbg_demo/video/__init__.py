@@ -2,9 +2,9 @@
 PNG frames or an H.264 MP4 over a new background, keeping frame rate, timing, rotation and audio.
 
 Needs PyAV (`pip install av`), which brings its own FFmpeg."""
-from .probe import MAX_STREAMS, VIDEO_EXTENSIONS, VideoError, VideoInfo, is_video, probe_video
+from .probe import MAX_STREAMS, VIDEO_EXTENSIONS, VideoError, VideoInfo, classify_media, is_video, probe_video
 from .remove import ALPHA_FORMATS, FORMATS, VideoResult, output_paths, remove_video
 from .smooth import MotionAwareSmoother
 
 __all__ = ["ALPHA_FORMATS", "FORMATS", "MAX_STREAMS", "VIDEO_EXTENSIONS", "MotionAwareSmoother", "VideoError",
-           "VideoInfo", "VideoResult", "is_video", "output_paths", "probe_video", "remove_video"]
+           "VideoInfo", "VideoResult", "classify_media", "is_video", "output_paths", "probe_video", "remove_video"]
