@@ -158,14 +158,14 @@ def run_remove(args) -> int:
 
 
 def outputs_for(run: BatchRun):
-    """The planner's hook for clips: told apart by their content (a clip renamed .jpg is still a clip);
-    files with an image extension are left to the image decoder, which says what is wrong with them."""
-    from .video import is_video, output_paths
+    """The planner's hook for clips: told apart by their content (a clip renamed .jpg is still a clip), and
+    one that looks like a clip but cannot be used says why (truncated, audio only, too large: VideoError, a
+    ValueError: that input fails alone). Files with an image extension go to the image decoder."""
+    from .outputs import image_outputs
+    from .video import classify_media, output_paths
 
     def outputs(source: str, out: str, options: RemovalOptions) -> tuple[dict[str, str], bool]:
-        from .outputs import image_outputs
-
-        if Path(source).suffix.lower() not in IMAGE_EXTENSIONS and is_video(source):
+        if classify_media(source, max_pixels=run.max_pixels) == "video":
             paths = output_paths(source, out, fmt=run.video_format, background=options.background.value,
                                  mask=options.mask)
             return {kind: str(path) for kind, path in paths.items()}, True

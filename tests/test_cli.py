@@ -3,6 +3,7 @@
 The command runs through the CLI's own `main` in this process (helpers.rmbg_in_process); one test runs
 `python -m rmbg_demo`, one the installed `rmbg` script."""
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -255,3 +256,29 @@ def test_manifest_has_a_line_per_input_on_the_plain_path(photos, tmp_path):
     first = lines[0]
     assert first["model"] == "u2netp" and (first["width"], first["height"]) == (451, 300)
     assert first["outputs"] == [str(tmp_path / "out" / "chelsea.png")] and "not an image" in lines[1]["error"]
+
+
+def test_hostile_files_are_each_a_manifest_line_and_the_run_goes_on(photos, tmp_path):
+    """A crafted PNG whose text chunk inflates to 100 MB, a truncated WebP, a PNG with a broken chunk and
+    an empty clip among good photos: each bad one is reported by name with its reason, every good one is
+    written, every input has its manifest line (issue 26; the zTXt PNG used to stop the run, exit 2)."""
+    from helpers import png_with_bad_crc, truncated_image, ztxt_bomb_png
+
+    from rmbg_demo.manifest import read_manifest
+
+    (photos / "a_bomb.png").write_bytes(ztxt_bomb_png())
+    (photos / "b_cut.webp").write_bytes(truncated_image("WEBP"))
+    (photos / "c_crc.png").write_bytes(png_with_bad_crc())
+    (photos / "d_empty.mp4").write_bytes(b"")
+    out, manifest = tmp_path / "out", tmp_path / "manifest.jsonl"
+    run = rmbg("remove", photos, "-o", out, "--model", "u2netp", "--manifest", manifest, "-q")
+    assert run.returncode == 1, run.stderr
+    assert "3 written, 4 failed, 0 skipped" in run.stderr
+    assert re.search(r"a_bomb.png.*text chunk inflates past", run.stderr)
+    assert re.search(r"b_cut.webp.*truncated or corrupt", run.stderr)
+    assert re.search(r"c_crc.png.*checksum is wrong", run.stderr)
+    assert re.search(r"d_empty.mp4.*the file is empty", run.stderr)
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.png", "chelsea.png", "coffee.png"]
+    records = {Path(r.input).name: r for r in read_manifest(manifest)}
+    assert sorted(records) == sorted(p.name for p in photos.iterdir())
+    assert all(records[name].error for name in ("a_bomb.png", "b_cut.webp", "c_crc.png", "d_empty.mp4"))
