@@ -4,7 +4,7 @@ import argparse
 import logging
 import os
 
-from rmbg_demo.arguments import add_compile_argument, add_model_arguments, size_text
+from rmbg_demo.arguments import add_compile_argument, add_memory_argument, add_model_arguments, size_text
 from rmbg_demo.engines import configure_torch
 from rmbg_demo.fetch import allow_private_default
 
@@ -27,6 +27,7 @@ def parse_args(argv=None):
                         help="refuse longer clips in the video tab (default 60; 0: no limit)")
     parser.add_argument("--allow-private-urls", action="store_true", default=allow_private_default(),
                         help="let the URL tab fetch loopback/private addresses (intranets, tests)")
+    add_memory_argument(parser)
     parser.add_argument("--backend", metavar="URL",
                         help="a running `rmbg serve` (http://HOST:PORT) that runs the network; this page only "
                              "decodes and composes, so it can live on a small machine")
@@ -56,7 +57,7 @@ def main(argv=None):
                         allow_private_urls=args.allow_private_urls, batch_size=max(1, args.batch_size),
                         max_batch=args.max_batch, compile=args.compile,
                         resolution=args.size, max_video_seconds=args.max_video_seconds or None,
-                        backend=args.backend)
+                        backend=args.backend, max_memory=args.max_memory)
     try:
         demo = build_demo(config)
     except (RemoteError, ValueError) as exc:

@@ -50,3 +50,18 @@ def add_compile_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                         help="torch.compile the network (default backend: inductor), warmed up before the first "
                              "image; pays off on a GPU, not on the CPU")
+
+
+def memory_argument(text: str) -> int:
+    from .budget import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", type=memory_argument, metavar="SIZE",
+                        help="memory budget for images being processed at once, e.g. 6G (default: a quarter of "
+                             "RAM; 0: none): large requests wait their turn (or get 503) instead of adding up")

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import storage
-from .arguments import add_compile_argument, add_model_arguments, add_size_argument
+from .arguments import add_compile_argument, add_memory_argument, add_model_arguments, add_size_argument
 from .atomic import write_atomic
 from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, encode_image
 from .manifest import ManifestRecord, ManifestWriter
@@ -124,6 +124,7 @@ def add_serve_parser(subparsers):
     serve.add_argument("--max-queued", type=int, default=64, metavar="N",
                        help="requests waiting per deployment beyond those being served; more get 503")
     serve.add_argument("--max-upload-mb", type=float, default=25.0, help="bigger bodies get 413")
+    add_memory_argument(serve)
     serve.add_argument("--allow-private-urls", action="store_true",
                        help="let {\"url\": ...} bodies reach private and loopback addresses")
     return serve
@@ -342,7 +343,7 @@ def run_serve(args) -> int:
     service = ServeSettings(model=args.model, weights=str(args.weights) if args.weights else None,
                              device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                              max_bytes=int(args.max_upload_mb * 1024 * 1024),
-                             allow_private_urls=args.allow_private_urls)
+                             allow_private_urls=args.allow_private_urls, max_memory=args.max_memory)
     return run_serve(service, address=args.ray, host=args.host, port=args.port, replicas=args.replicas,
                      max_queued=args.max_queued)
 

@@ -232,6 +232,34 @@ def _from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
     return _to_rgb_or_rgba(Image.fromarray(np.ascontiguousarray(a), mode))
 
 
+def _opened(data: bytes, where: str, max_pixels: int | None) -> Image.Image:
+    """Image.open (the header only) through the decode boundary."""
+    if max_pixels and max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = max_pixels  # a caller asked for more than Pillow's guard allows
+    _register_heif()
+    buffer = io.BytesIO(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(buffer)
+    except Exception as exc:
+        read_to = None if buffer.closed else buffer.tell()
+        raise _decode_error(exc, where, data, None, max_pixels, at_open=True, read_to=read_to) from exc
+
+
+def image_size(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header alone, no pixels decoded: what admission against a memory budget
+    needs. The same errors as `load_image` for what the header shows."""
+    if isinstance(source, np.ndarray):
+        return source.shape[1], source.shape[0]
+    if isinstance(source, Image.Image):
+        return source.size
+    where = _describe(source)
+    image = _opened(_read(source, where), where, max_pixels)
+    _check_pixels(image.size, max_pixels, where)
+    return image.size
+
+
 def load_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """A fully decoded RGB (or RGBA, if transparent) image, EXIF orientation applied, first frame only.
 
@@ -248,17 +276,7 @@ def load_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.
     image = source if data is None else None
     try:
         if image is None:
-            if max_pixels and max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-                Image.MAX_IMAGE_PIXELS = max_pixels  # a caller asked for more than Pillow's guard allows
-            _register_heif()
-            buffer = io.BytesIO(data)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    image = Image.open(buffer)
-            except Exception as exc:
-                read_to = None if buffer.closed else buffer.tell()
-                raise _decode_error(exc, where, data, None, max_pixels, at_open=True, read_to=read_to) from exc
+            image = _opened(data, where, max_pixels)
         _check_pixels(image.size, max_pixels, where)
         # Pixels are decoded lazily: counting frames (GIF), load() and the conversions all decode.
         if getattr(image, "n_frames", 1) > 1:

@@ -4,6 +4,7 @@ settings and safe URL fetching. Model names come from the registry; Gradio worka
 in `gradio_compat`."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -19,9 +20,10 @@ from PIL import Image
 
 from . import fetch
 from .atomic import atomic_output, write_atomic
+from .budget import BudgetExceeded, MemoryBudget, image_cost
 from .engines import pick_device, zerogpu_decorator
 from .gradio_compat import RawImage
-from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, load_image
+from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, image_size, load_image
 from .models import DEFAULT, REGISTRY, get_spec
 from .pipeline import Outcome, RemovalPipeline, RemovalResult
 from .pool import ModelPool, PoolSettings
@@ -69,6 +71,7 @@ class DemoConfig:
     max_video_seconds: float | None = 60  # longer clips are refused before any work (a shared demo's limit)
     # A running `rmbg serve` (http://HOST:PORT) that runs the network: the page decodes and composes only.
     backend: str | None = None
+    max_memory: int | None = None  # bytes of the image memory budget (budget.MemoryBudget); None: a quarter of RAM
     zerogpu: bool = field(default_factory=lambda: zerogpu_decorator() is not None)
 
     def pool_settings(self) -> PoolSettings:
@@ -203,6 +206,23 @@ class Handlers:
     def __init__(self, models: Models):
         self.models = models
         self.folders = OutputFolders()
+        self.budget = MemoryBudget(models.config.max_memory)
+
+    @contextlib.contextmanager
+    def admitted(self, sources):
+        """Holds the memory `sources` will need (read from their headers; at most the whole budget) while
+        the block runs; a file whose header is bad is left to the decoder, which says what is wrong."""
+        cost = 0
+        for source in sources:
+            with contextlib.suppress(ImageDecodeError, OSError):
+                cost += image_cost(*image_size(source, max_pixels=self.models.config.max_pixels))
+        if self.budget.limit:
+            cost = min(cost, self.budget.limit)
+        try:
+            with self.budget.admit(cost):
+                yield
+        except BudgetExceeded as exc:
+            raise gr.Error(str(exc)) from exc
 
     def one(self, source, options: RemovalOptions) -> RemovalResult:
         """One image through the chosen model; a bad upload raises its own readable error."""
@@ -213,8 +233,9 @@ class Handlers:
 
     def single(self, source, stem: str, options: RemovalOptions):
         started = time.perf_counter()
-        result = self.one(source, options)
-        out, image_path, mask_path = write_result(result, options, stem, self.folders.new())
+        with self.admitted([source]):
+            result = self.one(source, options)
+            out, image_path, mask_path = write_result(result, options, stem, self.folders.new())
         info = (f"**Model:** {self.models.get(options.model, options.size).describe()}  \n"
                 f"{result.image.width}x{result.image.height}, {time.perf_counter() - started:.2f} s")
         return (out, result.image), str(image_path), str(mask_path), result.mask, info
@@ -249,14 +270,18 @@ class Handlers:
         options = page_options(model, background, colour, background_image, refine, fmt, resolution)
         pipeline = self.models.get(options.model, options.size)
         folder, gallery, errors, outputs, stems = self.folders.new(), [], [], [], set()
-        for path, outcome in zip(files, pipeline.iter_results(files)):  # network batches, bounded memory
-            name = Path(path).name
-            if outcome.error is not None:  # one bad file must not sink the batch
-                errors.append(f"{name}: {error_message(outcome)}")
-                continue
-            out, image_path, mask_path = write_result(outcome.result, options, unique_stem(name, stems), folder)
-            gallery.append((out, name))
-            outputs += [image_path, mask_path]
+        for start in range(0, len(files), pipeline.batch_size):  # network batches; memory held per batch
+            chunk = files[start:start + pipeline.batch_size]
+            with self.admitted(chunk):
+                for path, outcome in zip(chunk, pipeline.iter_results(chunk)):
+                    name = Path(path).name
+                    if outcome.error is not None:  # one bad file must not sink the batch
+                        errors.append(f"{name}: {error_message(outcome)}")
+                        continue
+                    _, image_path, mask_path = write_result(outcome.result, options, unique_stem(name, stems),
+                                                            folder)
+                    gallery.append((str(image_path), name))  # the file, not the picture: nothing held in memory
+                    outputs += [image_path, mask_path]
         archive = write_zip(outputs, folder / "rmbg-batch.zip") if outputs else None
         info = f"**Model:** {pipeline.describe()}  \n{len(gallery)} done, {len(errors)} failed"
         info += "".join(f"  \n- {e}" for e in errors)
@@ -269,14 +294,15 @@ class Handlers:
         chosen = [m for m in (chosen or []) if m]
         if len(chosen) < 2:
             raise gr.Error(f"choose at least two models to compare (registered: {', '.join(self.models.choices)})")
-        image = decode_or_explain(path)
         gallery, lines = [], ["| model | seconds |", "|---|---|"]
-        for name in chosen:
-            started = time.perf_counter()
-            result = self.one(image, RemovalOptions(model=name))
-            seconds = time.perf_counter() - started
-            gallery.append((result.cutout(), f"{name}: {seconds:.2f} s"))
-            lines.append(f"| {self.models.get(name).title} [{name}] | {seconds:.2f} |")
+        with self.admitted([path]):
+            image = decode_or_explain(path)
+            for name in chosen:
+                started = time.perf_counter()
+                result = self.one(image, RemovalOptions(model=name))
+                seconds = time.perf_counter() - started
+                gallery.append((result.cutout(), f"{name}: {seconds:.2f} s"))
+                lines.append(f"| {self.models.get(name).title} [{name}] | {seconds:.2f} |")
         return gallery, "\n".join(lines)
 
 

@@ -282,3 +282,21 @@ def test_hostile_files_are_each_a_manifest_line_and_the_run_goes_on(photos, tmp_
     records = {Path(r.input).name: r for r in read_manifest(manifest)}
     assert sorted(records) == sorted(p.name for p in photos.iterdir())
     assert all(records[name].error for name in ("a_bomb.png", "b_cut.webp", "c_crc.png", "d_empty.mp4"))
+
+
+def test_a_rerun_asking_for_more_outputs_writes_only_the_missing_ones(photos, tmp_path):
+    """First without --mask, then with it: the cut-out already there is kept byte for byte (a sentinel
+    shows any rewrite), the mask is added; --overwrite replaces both. The plan is `outputs.plan_outputs`,
+    which --ray shares."""
+    out = tmp_path / "out"
+    assert rmbg("remove", photos / "chelsea.jpg", "-o", out, "--model", "u2netp").returncode == 0
+    (out / "chelsea.png").write_bytes(b"sentinel: must survive the rerun")
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", out, "--model", "u2netp", "--mask")
+    assert run.returncode == 0 and "1 written, 0 failed, 0 skipped" in run.stderr
+    assert (out / "chelsea.png").read_bytes() == b"sentinel: must survive the rerun"
+    assert Image.open(out / "chelsea_mask.png").mode == "L"
+    run = rmbg("remove", photos / "chelsea.jpg", "-o", out, "--model", "u2netp", "--mask")
+    assert "0 written, 0 failed, 1 skipped" in run.stderr
+    assert rmbg("remove", photos / "chelsea.jpg", "-o", out, "--model", "u2netp", "--mask",
+                "--overwrite").returncode == 0
+    assert Image.open(out / "chelsea.png").mode == "RGBA"

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
+import time
 from pathlib import Path
 
 EXTRA_HINT = "pip install 'rmbg-demo[ray]'"
+log = logging.getLogger(__name__)
 
 
 class RayMissingError(RuntimeError):
@@ -55,7 +59,55 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, quie
         yield ray
     finally:
         if started_here:
-            ray.shutdown()
+            shutdown_local(ray)
+
+
+def shutdown_local(ray, grace: float = 10.0) -> None:
+    """`ray.shutdown()`, then waits for every process the local instance started (raylet, GCS, workers,
+    and the dashboard and runtime-env agents, which sometimes outlive it by minutes ignoring SIGTERM);
+    what is still there after `grace` seconds is killed, and the log says so."""
+    started = _descendants(os.getpid())
+    ray.shutdown()
+    deadline = time.monotonic() + grace
+    while (alive := {pid for pid in started if _alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if alive:
+        log.info("Ray left %d process(es) running %.0f s after its shutdown; stopped them", len(alive), grace)
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid, from /proc (Linux); empty elsewhere."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    return parents
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def cluster_gpus() -> float:

@@ -19,7 +19,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..imageio import ImageDecodeError, encode_image
+from ..budget import BudgetExceeded, MemoryBudget, image_cost
+from ..imageio import ImageDecodeError, encode_image, image_size
 from ..models import REGISTRY
 from ..pipeline import RemovalResult
 from ..pool import ModelPool, PoolSettings
@@ -28,6 +29,7 @@ from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp"}
+ROUTES = {"/healthz": "GET", "/models": "GET", "/remove": "POST", "/predict": "POST"}
 # /predict's body: one normalised image at the largest network size, as .npy
 MAX_TENSOR_BYTES = 4 * 3 * NETWORK_SIDE_RANGE[1] ** 2 + 4096
 
@@ -51,6 +53,7 @@ class Remover:
                                            dtype=settings.dtype, batch_size=settings.max_batch,
                                            max_pixels=settings.max_pixels, request_batch=1, zerogpu=False))
         self.default_model = self.pool.default
+        self.budget = MemoryBudget(settings.max_memory)
         self._network.set_max_batch_size(max(1, settings.max_batch))
 
     def _pipeline(self, model: str, size):
@@ -86,8 +89,14 @@ class Remover:
                 return await self._remove(request)
             if path.endswith("/predict") and request.method == "POST":
                 return await self._predict(request)
+            known = next((route for route in ROUTES if path.endswith(route)), None)
+            if known:
+                return JSONResponse({"error": f"{known} takes {ROUTES[known]}, not {request.method}"},
+                                    status_code=405, headers={"Allow": ROUTES[known]})
             return _error(f"no route {request.method} {path}; use POST /remove, GET /models, GET /healthz", 404)
         except BadRequest as exc:
+            return _error(str(exc), exc.status)
+        except BudgetExceeded as exc:  # 503: large images hold the memory now; 413: this one never fits
             return _error(str(exc), exc.status)
         except RuntimeError as exc:  # the network failed (out of memory...): this request only
             return _error(f"the model failed: {exc}", 500)
@@ -116,14 +125,35 @@ class Remover:
             raise BadRequest(str(exc)) from None
         model = self._model(options.model)
         pipeline = self._pipeline(model, options.size)
+        try:  # the header says how much memory the image will need, before any pixel is decoded
+            width, height = await asyncio.to_thread(image_size, data, max_pixels=self.settings.max_pixels)
+        except (ImageDecodeError, OSError) as exc:
+            raise BadRequest(str(exc)) from None
+        cost = image_cost(width, height)
+        await asyncio.to_thread(self.budget.acquire, cost)
+        try:
+            image, body, timing = await self._cut_out(pipeline, model, options, data)
+        finally:
+            self.budget.release(cost)
+        done = time.perf_counter()
+        timing["decode"] += timing.pop("admitted") - started  # the header, and any wait for the budget
+        headers = {"X-Model": model, "X-Seconds": f"{done - started:.4f}",
+                   "X-Image-Size": f"{image.width}x{image.height}", "X-Network-Size": str(pipeline.input_size),
+                   "Server-Timing": ", ".join(f"{k};dur={1000 * v:.1f}" for k, v in timing.items())}
+        return Response(body, media_type=MEDIA_TYPES[options.format], headers=headers)
 
-        def decode():  # this request's own thread: a bad file fails here, alone
+    async def _cut_out(self, pipeline, model: str, options: RemovalOptions, data: bytes):
+        """Decode (on this request's own thread: a bad file fails here, alone), the network (in a shared
+        batch), then mask, compose and encode: (image, encoded answer, seconds per step)."""
+        admitted = time.perf_counter()
+
+        def decode():
             image = pipeline.load(data)
             return image, pipeline.preprocess(image)
 
         try:
             image, network_input = await asyncio.to_thread(decode)
-        except ImageDecodeError as exc:
+        except (ImageDecodeError, OSError) as exc:  # the decode boundary's words; OSError: a read the OS refused
             raise BadRequest(str(exc)) from None
         decoded = time.perf_counter()
         probability = (await self._network((model, network_input)))[0]
@@ -139,12 +169,9 @@ class Remover:
             body = await asyncio.to_thread(finish)
         except ValueError as exc:  # a background that cannot be applied
             raise BadRequest(str(exc)) from None
-        done = time.perf_counter()
-        timing = {"decode": decoded - started, "network": networked - decoded, "compose": done - networked}
-        headers = {"X-Model": model, "X-Seconds": f"{done - started:.4f}",
-                   "X-Image-Size": f"{image.width}x{image.height}", "X-Network-Size": str(pipeline.input_size),
-                   "Server-Timing": ", ".join(f"{k};dur={1000 * v:.1f}" for k, v in timing.items())}
-        return Response(body, media_type=MEDIA_TYPES[options.format], headers=headers)
+        timing = {"admitted": admitted, "decode": decoded - admitted, "network": networked - decoded,
+                  "compose": time.perf_counter() - networked}
+        return image, body, timing
 
     async def _predict(self, request: Request) -> Response:
         """The network alone: a (B, 3, H, W) float32 .npy of normalised inputs -> (B, 1, h, w) probabilities."""
@@ -212,15 +239,26 @@ class Remover:
 
 
 async def _multipart_fields(request: Request, body: bytes) -> dict[str, bytes]:
-    """The fields of a multipart body (already read, so the size cap held), as bytes."""
+    """The fields of a multipart body (already read, so the size cap held), as bytes. A body the parser
+    refuses (no boundary, garbage, too many fields) or one cut before its closing boundary is a 400 that
+    says so, not "no 'image' field"."""
     from starlette.datastructures import UploadFile
+
+    boundary = request.headers.get("content-type", "").partition("boundary=")[2].split(";")[0].strip().strip('"')
+    if not boundary:
+        raise BadRequest("malformed multipart body: the Content-Type names no boundary")
+    if not body.rstrip(b"\r\n").endswith(f"--{boundary}--".encode()):
+        raise BadRequest("malformed multipart body: it does not end with its closing boundary (cut short?)")
 
     async def replay():
         yield body
 
-    form = await Request(request.scope, receive=_receiver(replay())).form()
-    return {name: (await value.read() if isinstance(value, UploadFile) else str(value).encode())
-            for name, value in form.items()}
+    try:
+        form = await Request(request.scope, receive=_receiver(replay())).form(max_files=8, max_fields=32)
+        return {name: (await value.read() if isinstance(value, UploadFile) else str(value).encode())
+                for name, value in form.items()}
+    except Exception as exc:  # noqa: BLE001 - starlette's MultiPartException and the parser's own errors
+        raise BadRequest(f"malformed multipart body: {exc}") from None
 
 
 def _receiver(chunks):

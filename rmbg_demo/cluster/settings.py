@@ -18,3 +18,4 @@ class ServeSettings:
     max_bytes: int = 25 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     allow_private_urls: bool = False
+    max_memory: int | None = None  # bytes of the image memory budget (budget.MemoryBudget); None: a quarter of RAM
