@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
-from helpers import ASSETS, AppServer, bomb_png
+from helpers import ASSETS, AppServer, bomb_png, png_with_bad_crc, truncated_image, ztxt_bomb_png
 from PIL import Image
 
 HOSTILE = {
@@ -19,6 +19,9 @@ HOSTILE = {
     "wide.png": (bomb_png(60000, 1000), "over the 50.0 MP limit"),
     "drawing.svg": (b'<svg xmlns="http://www.w3.org/2000/svg"><image href="file:///etc/passwd"/></svg>', "not an image"),
     "archive.zip": (b"PK\x03\x04" + b"\0" * 100, "not an image"),
+    "ztxt.png": (ztxt_bomb_png(), "text chunk inflates past"),
+    "cut.webp": (truncated_image("WEBP"), "WebP image (cut.webp) is truncated or corrupt"),
+    "crc.png": (png_with_bad_crc(), "checksum is wrong"),
 }
 
 

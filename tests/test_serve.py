@@ -119,7 +119,7 @@ BAD_INPUTS = {  # case -> (body, query, content type, status, words the error mu
     "empty": (b"", "", None, 400, "empty body"),
     "multipart_no_boundary": (multipart(("image", PHOTO)), "", "multipart/form-data", 400, "no boundary"),
     "multipart_garbage": (b"garbage" * 100 + b"--rmbgboundary--", "", FORM, 400, "malformed multipart"),
-    "multipart_5000_fields": (multipart(*[(f"f{i}", b"x") for i in range(5000)]), "", FORM, 400,
+    "multipart_many_fields": (multipart(*[(f"f{i}", b"x") for i in range(1000)]), "", FORM, 400,
                               "malformed multipart"),
     "multipart_cut_short": (multipart(("image", PHOTO), end=False), "", FORM, 400, "closing boundary"),
     "multipart_no_image": (multipart(("picture", PHOTO)), "", FORM, 400, "without an 'image' field"),

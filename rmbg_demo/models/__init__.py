@@ -77,8 +77,9 @@ class ModelSpec:
     aliases: tuple[str, ...] = field(default=())
     # A traced (exported) graph holds at other heights and widths too: no size-dependent Python branches.
     traced_size_is_dynamic: bool = False
-    # RAM a Ray model actor reserves for the network, its inputs and outputs (a scheduling hint)
-    actor_memory_mb: int = 4096
+    # RAM a Ray model actor reserves: the peak of one image at the model's size on the CPU in float32,
+    # plus the Ray worker, plus 30 % (bench/actor_memory.py; Ray warns when an actor outgrows it)
+    actor_memory_mb: int = 4992
 
     def __post_init__(self):
         # Checked when registered: a typo must fail here, not pick another branch at run time.
@@ -163,6 +164,7 @@ register(ModelSpec(
     gated=True,
     env_weights="RMBG_WEIGHTS",
     aliases=("rmbg2", "RMBG-2.0"),
+    actor_memory_mb=4736,
 ))
 register(ModelSpec(
     name="birefnet-general",
@@ -186,6 +188,7 @@ register(ModelSpec(
     checkpoint_filter=_lazy("birefnet", "checkpoint_filter"),
     hub_repo="ZhengPeng7/BiRefNet_lite",
     download_mb=179,
+    actor_memory_mb=3584,
 ))
 register(ModelSpec(
     name="rmbg-1.4",
@@ -205,6 +208,7 @@ register(ModelSpec(
     mask_resize=MaskResize.BILINEAR,
     aliases=("rmbg1.4", "RMBG-1.4"),
     traced_size_is_dynamic=True,
+    actor_memory_mb=1920,
 ))
 register(ModelSpec(
     name="u2netp",
@@ -216,7 +220,7 @@ register(ModelSpec(
     onnx_file=_lazy("u2netp", "bundled_onnx_path"),
     output_index=0,
     activation=Activation.MINMAX,
-    actor_memory_mb=1024,
+    actor_memory_mb=1152,
 ))
 
 
