@@ -7,8 +7,9 @@ BiRefNet logits; "minmax" for RMBG-1.4, whose map is already a probability). The
 dynamic; height and width too where the traced graph allows it (RMBG-1.4). BiRefNet's Swin
 backbone takes Python branches on the feature sizes (window padding, odd-size merging, the
 shift masks), which tracing freezes: its files are fixed to the size they were exported at.
-The network reads its heights and widths as plain ints (`models.swin.fixed_sizes`), so those
-masks, paddings and sampling grids are constants in the file, not rebuilt at every run.
+The network reads its heights and widths as plain ints (`models.swin.fixed_sizes`), so its
+paddings and sampling grids are constants in the file, not rebuilt at every run; the shift
+masks are compared from small constant region labels at each run (`swin.shifted_window_mask`).
 
 Metadata (ONNX `metadata_props`, all strings) says how to feed the file and what came out of
 it; see `METADATA_KEYS`. `rmbg_demo.engines.ort.OnnxEngine` reads it.
