@@ -1,10 +1,11 @@
-"""Exported BiRefNet graphs: export time, node count and ONNX Runtime's session start, beside an older commit.
+"""Exported BiRefNet graphs: files, size, nodes, export time and ONNX Runtime's session start, beside an older commit.
 
     python bench/onnx_graph.py [--models birefnet-lite rmbg-2.0] [--size 256] [--runs 3]
                                [--against REV] [--float16] [--no-append]
 
 For each model (parity fixture weights: graph and timing do not depend on weight values) the
-network is exported at --size without the export's own check, its nodes are counted, and an
+network is exported at --size without the export's own check into a folder of its own, the
+files it left there are counted and weighed (MB = 10^6 bytes), its nodes are counted, and an
 ONNX Runtime CPU session is opened --runs times (the median is reported). With --against, the
 same measurement runs on REV's code (a temporary git worktree, imported in a child process)
 right after, so both columns come from one run on one machine. --float16 adds float16 exports.
@@ -46,10 +47,12 @@ def measure(code_root: Path, models: list[str], size: int, runs: int, dtypes: li
             network = build_model(name)
             network.load_state_dict(parity.deterministic_state_dict(network), strict=False)
             for dtype in dtypes:
-                path = Path(folder) / f"{name}-{dtype}.onnx"
+                path = Path(folder) / f"{name}-{dtype}" / "model.onnx"
+                path.parent.mkdir()
                 started = time.perf_counter()
                 export_onnx(name, path, network=network.eval(), size=size, dtype=dtype, check=False)
                 export_s = time.perf_counter() - started
+                files = list(path.parent.iterdir())  # older commits left external data files beside the model
                 graph = onnx.load(str(path), load_external_data=False).graph
                 kinds = collections.Counter(node.op_type for node in graph.node)
                 opens = []
@@ -57,11 +60,14 @@ def measure(code_root: Path, models: list[str], size: int, runs: int, dtypes: li
                     started = time.perf_counter()
                     ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                     opens.append(time.perf_counter() - started)
-                rows.append({"model": name, "dtype": dtype, "export_s": export_s, "nodes": len(graph.node),
+                rows.append({"model": name, "dtype": dtype, "files": len(files),
+                             "mb": sum(f.stat().st_size for f in files) / 1e6, "export_s": export_s,
+                             "nodes": len(graph.node),
                              "shape_nodes": sum(kinds[k] for k in ("Shape", "Gather", "Unsqueeze", "Concat",
                                                                    "Range", "ScatterND", "ConstantOfShape")),
                              "open_s": statistics.median(opens), "opens": opens})
-                path.unlink()
+                for file in files:
+                    file.unlink()
     return rows
 
 
@@ -93,17 +99,27 @@ def cell(row: dict, old: dict | None, key: str, digits: int) -> str:
 
 
 def table(ours: list[dict], theirs: list[dict] | None, rev: str | None) -> str:
-    lines = ["| model | dtype | nodes | shape nodes | export s | session open s (median) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | dtype | files | MB | nodes | shape nodes | export s | session open s (median) |",
+             "|---|---|---|---|---|---|---|---|"]
     before = {(r["model"], r["dtype"]): r for r in theirs or []}
     for row in ours:
         old = before.get((row["model"], row["dtype"]))
-        lines.append(f"| {row['model']} | {row['dtype']} | {cell(row, old, 'nodes', 0)} | "
+        lines.append(f"| {row['model']} | {row['dtype']} | {cell(row, old, 'files', 0)} | {cell(row, old, 'mb', 1)} | "
+                     f"{cell(row, old, 'nodes', 0)} | "
                      f"{cell(row, old, 'shape_nodes', 0)} | {cell(row, old, 'export_s', 1)} | "
                      f"{cell(row, old, 'open_s', 2)} |")
     if rev:
         lines.append(f"\n(before → now: {rev} → the working tree)")
     return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as `lscpu` shows it."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -124,7 +140,7 @@ def main() -> None:
     ours = measure(ROOT, args.models, args.size, args.runs, dtypes)
     load = os.getloadavg()[0]
     text = (f"\n## Exported graphs at {args.size}x{args.size}, {datetime.date.today()}\n\n"
-            f"`python bench/onnx_graph.py {' '.join(sys.argv[1:])}` on {platform.processor() or platform.machine()} "
+            f"`python bench/onnx_graph.py {' '.join(sys.argv[1:])}` on {cpu_name()} "
             f"({os.cpu_count()} cores, load average {load:.1f} after); parity fixture weights; export without "
             f"its check; ONNX Runtime CPU session opened {args.runs} times.\n\n{table(ours, theirs, args.against)}\n")
     print(text)

@@ -331,9 +331,10 @@ def run_export(args) -> int:
         return 1
     height, width = report.size
     check = f"; ONNX Runtime agrees with PyTorch (worst {report.check.worst})" if report.check else ""
+    data = f" (its tensors in {report.data_path.name} beside it: keep the two together)" if report.data_path else ""
     print(f"{report.path}: {report.model} at {width}x{height}, {report.dtype}, opset {report.opset}, dynamic "
-          f"{'/'.join(report.dynamic_axes)}, {report.file_bytes / 2**20:.0f} MiB in {report.seconds:.0f} s{check}",
-          file=sys.stderr)
+          f"{'/'.join(report.dynamic_axes)}, {report.file_bytes / 2**20:.0f} MiB{data} in {report.seconds:.0f} s"
+          f"{check}", file=sys.stderr)
     return 0
 
 

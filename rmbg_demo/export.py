@@ -7,11 +7,15 @@ BiRefNet logits; "minmax" for RMBG-1.4, whose map is already a probability). The
 dynamic; height and width too where the traced graph allows it (RMBG-1.4). BiRefNet's Swin
 backbone takes Python branches on the feature sizes (window padding, odd-size merging, the
 shift masks), which tracing freezes: its files are fixed to the size they were exported at.
-The network reads its heights and widths as plain ints (`models.swin.fixed_sizes`), so those
-masks, paddings and sampling grids are constants in the file, not rebuilt at every run.
+The network reads its heights and widths as plain ints (`models.swin.fixed_sizes`), so its
+paddings and sampling grids are constants in the file, not rebuilt at every run; the shift
+masks are compared from small constant region labels at each run (`swin.shifted_window_mask`).
 
 Metadata (ONNX `metadata_props`, all strings) says how to feed the file and what came out of
 it; see `METADATA_KEYS`. `rmbg_demo.engines.ort.OnnxEngine` reads it.
+
+A graph above protobuf's 2 GB limit keeps its tensors in ONNX external data: one file beside
+it named after it (`model.onnx.data`), which ONNX Runtime finds from the model's path.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import contextlib
 import copy
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -66,6 +71,7 @@ class ExportReport:
     file_bytes: int
     check: CheckReport | None  # None when exported with check=False
     metadata: dict[str, str] = field(default_factory=dict)
+    data_path: Path | None = None  # the external data file, for a graph above 2 GB; file_bytes counts it too
 
 
 @dataclass(frozen=True)
@@ -201,12 +207,38 @@ def _trace(network: nn.Module, output_index: int, example: torch.Tensor, path: P
                               dynamic_axes=axes, do_constant_folding=True)
 
 
+def data_path(path: Path) -> Path:
+    """Where `path`'s external data goes: `model.onnx.data` beside `model.onnx`."""
+    return path.with_name(path.name + ".data")
+
+
+def _gather_external_data(path: Path) -> None:
+    """Put the tensors the exporter wrote beside `path` into one `data_path(path)` file.
+
+    Above protobuf's 2 GB limit the TorchScript exporter writes every tensor to a file of its
+    own next to the model (RMBG-2.0 once left 291 there). `path` is alone in its folder
+    otherwise, so any other file there is one of those.
+    """
+    if not any(other != path for other in path.parent.iterdir()):
+        return
+    import onnx
+
+    model = onnx.load(str(path))  # reads the loose files' tensors back in
+    for other in path.parent.iterdir():
+        other.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_path(path).name)
+    if data_path(path).exists():  # (not when every tensor is under ONNX's 1 kB threshold)
+        shutil.copymode(path, data_path(path))  # ONNX makes it owner-only: readable wherever the model is
+
+
 def _write_metadata(path: Path, metadata: dict[str, str]) -> None:
     """Add the metadata to the file the exporter wrote, without rewriting the file.
 
     Concatenated protobuf messages parse as one merged message (repeated fields append, the
     last singular value wins), so appending a ModelProto that holds only these fields adds
-    them: loading and saving RMBG-2.0's 887 MB file again took 7 of an export's 30 s.
+    them: loading and saving RMBG-2.0's 887 MB file again took 7 of an export's 30 s. With
+    external data, `path` is the small graph file and the appended fields land there too.
     """
     import onnx
 
@@ -226,8 +258,9 @@ def export_onnx(model_name: str, out_path, *, weights=None, network: nn.Module |
     `size`: N or (height, width), multiples of 32 in 256..2048 (default: the model's input
     size). With `check`, the file is run by ONNX Runtime at batch 1 and 2 (and another size
     when the height and width are dynamic) and refused (deleted; ExportCheckError) if it
-    disagrees with the network beyond the tolerance. Written to a temporary file beside
-    `out_path` and moved into place only when complete; an existing file is kept unless `overwrite`.
+    disagrees with the network beyond the tolerance. Written in a temporary folder beside
+    `out_path` and moved into place only when complete, with its `.data` file if it has one
+    (above 2 GB); an existing file is kept unless `overwrite`. Nothing is left behind on failure.
     """
     started = time.perf_counter()
     spec = get_spec(model_name)
@@ -249,34 +282,56 @@ def export_onnx(model_name: str, out_path, *, weights=None, network: nn.Module |
     dynamic_axes = ("batch", "height", "width") if spec.traced_size_is_dynamic else ("batch",)
     metadata = export_metadata(spec, size, dtype, opset, dynamic_axes)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with _written_into_place(out_path, overwrite) as tmp:
         example = normalise(check_images(size, 1), spec).to(EXPORT_DTYPES[dtype])
         _trace(_on_cpu_in(reference, EXPORT_DTYPES[dtype]), spec.output_index, example, tmp, opset, dynamic_axes)
+        _gather_external_data(tmp)
+        data = data_path(out_path) if data_path(tmp).exists() else None
         _write_metadata(tmp, metadata)
         try:
             report = verify_onnx(tmp, reference) if check else None
         except ExportCheckError as exc:
             raise ExportCheckError(f"{exc}; {out_path} was not written") from None
-        _move_into_place(tmp, out_path, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportReport(out_path, spec.name, size, dtype, opset, dynamic_axes, time.perf_counter() - started,
-                        out_path.stat().st_size, report, metadata)
+                        sum(p.stat().st_size for p in (out_path, data) if p), report, metadata, data)
 
 
-def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:  # a hard link fails rather than replaces a file another writer made meanwhile
-        os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it") from None
+@contextlib.contextmanager
+def _written_into_place(path: Path, overwrite: bool):
+    """Yield a path named like `path` in a new folder beside it; when the block completes, move it and
+    its `.data` file, if any, to `path`. The folder and all in it are removed in any case.
+
+    The data goes first, so the model never appears before it. Without `overwrite`, hard links fail
+    rather than replace files another writer made meanwhile; with it, an older export's data file
+    that the new model does not read is removed.
+    """
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"))
+    try:
+        staged = folder / path.name
+        yield staged
+        moves = [(staged, path)]
+        if data_path(staged).exists():
+            moves.insert(0, (data_path(staged), data_path(path)))
+        for source, _ in moves:
+            with open(source, "rb+") as handle:
+                os.fsync(handle.fileno())
+        if overwrite:
+            for source, target in moves:
+                os.replace(source, target)
+            if len(moves) == 1:
+                data_path(path).unlink(missing_ok=True)
+            return
+        linked = []
+        for source, target in moves:
+            try:
+                os.link(source, target)
+            except FileExistsError:
+                for done in linked:
+                    done.unlink()
+                raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it") from None
+            linked.append(target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- the check --------------------------------------------------------------------------------

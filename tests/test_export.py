@@ -4,6 +4,7 @@ Each network is exported once per module (the Swin-L one is the slow part); the 
 run by ONNX Runtime on real photos and compared with the PyTorch network.
 """
 import logging
+import math
 
 import numpy as np
 import onnx
@@ -150,6 +151,21 @@ def test_file_format_and_metadata(exported, engine_of):
     assert (rmbg14.activation, rmbg14.mean, rmbg14.std) == ("minmax", (0.5, 0.5, 0.5), (1.0, 1.0, 1.0))
 
 
+def test_file_holds_the_weights_not_masks_expanded_to_the_image(exported, lite_fixture_model):
+    """The Swin shift masks reach the file as their (windows, N) region labels, not folded into one
+    (windows, heads, N, N) constant per shifted block: those added 6 % to BiRefNet lite's numbers at
+    256 and grow with the image (RMBG-2.0's file at 1024 was 2.4x its weights). (Not the largest
+    constant against the largest weight: at 256 the largest mask, 0.7 M numbers, is under 2.4 M.)"""
+    report, _ = exported("birefnet-lite")
+    graph = onnx.load(str(report.path), load_external_data=False).graph
+    constants = [*graph.initializer, *(attribute.t for node in graph.node if node.op_type == "Constant"
+                                       for attribute in node.attribute if attribute.name == "value")]
+    numbers = sum(math.prod(tensor.dims) for tensor in constants)
+    weights = sum(tensor.numel() for tensor in lite_fixture_model.state_dict().values())
+    # What is over: each block's position bias gathered from its table, once for both backbone passes.
+    assert numbers <= 1.02 * weights
+
+
 def test_float16_export_keeps_masks_within_3_of_255(tmp_path, lite_fixture_model):
     random = torch.Generator().manual_seed(0)
     features, weight = (torch.randn(shape, generator=random).half() for shape in ((1, 512, 16, 16), (4, 512, 3, 3)))
@@ -197,11 +213,79 @@ class TracesDifferently(torch.nn.Module):
         return [out * 2 if torch.jit.is_tracing() else out]
 
 
-def test_export_that_disagrees_leaves_no_file(tmp_path):
+class SmallConvolutions(torch.nn.Module):
+    """A network the exporter traces faithfully, with weights over ONNX's 1 kB external-data threshold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.head = torch.nn.Conv2d(16, 1, 1)
+
+    def forward(self, x):
+        return [self.head(self.conv(x).relu())]
+
+
+@pytest.fixture
+def exporter_above_2gb(monkeypatch):
+    """torch.onnx.export as it writes a graph above protobuf's 2 GB limit, for any network: each tensor
+    in a file of its own beside the model (RMBG-2.0 at 1024 was 292 files)."""
+    export = torch.onnx.export
+
+    def export_in_loose_files(model, args, f, **options):
+        export(model, args, f, **options)
+        onnx.save_model(onnx.load(f), f, save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=0, convert_attribute=True)
+    monkeypatch.setattr(torch.onnx, "export", export_in_loose_files)
+
+
+@pytest.mark.parametrize("above_2gb", [False, True])
+def test_export_that_disagrees_leaves_no_file(tmp_path, request, above_2gb):
+    if above_2gb:
+        request.getfixturevalue("exporter_above_2gb")
     out = tmp_path / "wrong.onnx"
     with pytest.raises(ExportCheckError, match="was not written"):
         export_onnx("rmbg-2.0", out, network=TracesDifferently(), size=SIZE)
-    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporaries
+
+
+def test_export_above_2gb_is_one_model_and_one_data_file(tmp_path, monkeypatch, exporter_above_2gb):
+    out = tmp_path / "x.onnx"
+    x = photos("rmbg-2.0", count=1)
+
+    def assert_file_computes(network):
+        with torch.no_grad():
+            expected = network(x)[0]
+        assert (run_file(OnnxEngine(out).session, x)[0] - expected).abs().max() <= 1e-4 * expected.std()
+
+    first = SmallConvolutions()
+    stale = tmp_path / "x.onnx.data"  # another export's data, without its model
+    stale.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="x.onnx.data exists"):
+        export_onnx("rmbg-2.0", out, network=first, size=SIZE, check=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.onnx.data"] and stale.read_bytes() == b"keep me"
+    stale.unlink()
+    report = export_onnx("rmbg-2.0", out, network=first, size=SIZE)  # checked by ONNX Runtime, batch 1 and 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx", "x.onnx.data"]
+    assert report.data_path == tmp_path / "x.onnx.data"
+    assert report.file_bytes == sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert report.data_path.stat().st_mode == out.stat().st_mode  # whoever may read the model may read its data
+    graph = onnx.load(str(out), load_external_data=False).graph
+    assert {entry.value for tensor in graph.initializer for entry in tensor.external_data
+            if entry.key == "location"} == {"x.onnx.data"}
+    assert get_spec(OnnxEngine(out).model_name).name == "rmbg-2.0"  # the metadata is there too
+    assert_file_computes(first)
+
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_onnx("rmbg-2.0", out, network=SmallConvolutions(), size=SIZE)
+    assert_file_computes(first)
+    second = SmallConvolutions()
+    export_onnx("rmbg-2.0", out, network=second, size=SIZE, overwrite=True)  # both files replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx", "x.onnx.data"]
+    assert_file_computes(second)
+    monkeypatch.undo()  # the exporter as it is below 2 GB: the model in one file, the old data removed
+    export_onnx("rmbg-2.0", out, network=first, size=SIZE, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.onnx"]
+    assert_file_computes(first)
 
 
 def test_export_refuses_bad_requests(tmp_path):

@@ -84,8 +84,14 @@ def from_windows(x: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
     return x.reshape(-1, h, w, c)
 
 
-def shifted_window_mask(h: int, w: int, window: int, shift: int, device, dtype) -> torch.Tensor:
-    """(nW, 1, N, N) additive mask keeping attention inside the regions a cyclic shift joins."""
+def shifted_window_mask(h: int, w: int, window: int, shift: int, batch, device, dtype) -> torch.Tensor:
+    """(batch, nW, 1, N, N) additive mask keeping attention inside the regions a cyclic shift joins.
+
+    Built per image from the (nW, N) region labels: a mask made of constants alone would be
+    folded by the ONNX exporter into a (nW, heads, N, N) constant for every shifted block (240 MB
+    for RMBG-2.0's first stage at 1024), where the file now holds only the labels. `batch` is
+    the input's batch size, read from its shape, so the exporter records it as the dynamic batch.
+    """
     def bands(n: int) -> torch.Tensor:
         """0, 1 or 2 along one side: before the last window, in its unshifted part, in the shift."""
         at = torch.arange(n, device=device)
@@ -93,8 +99,9 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int, device, dtype) 
 
     region = bands(h)[:, None] * 3 + bands(w)[None, :]  # 9 regions, as the published slices label them
     labels = to_windows(region[None, :, :, None], window)[0, :, :, 0]  # nW, N
-    different = labels[:, None, :] != labels[:, :, None]
-    return torch.zeros(different.shape, dtype=dtype, device=device).masked_fill_(different, _MASKED)[:, None]
+    labels = labels.expand(batch, *fixed_sizes(labels, 0, 1))
+    same = labels[:, :, None, :] == labels[:, :, :, None]
+    return torch.where(same, 0.0, _MASKED).to(dtype)[:, :, None]
 
 
 class Mlp(nn.Module):
@@ -127,15 +134,16 @@ class WindowAttention(nn.Module):
         return bias.view(n, n, self.num_heads).permute(2, 0, 1).to(dtype).contiguous()  # heads, N, N
 
     def forward(self, windows: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
-        """windows: (B, nW, N, C); shift_mask: (nW, 1, N, N) or None."""
-        b = windows.shape[0]
+        """windows: (B, nW, N, C); shift_mask: (B, nW, 1, N, N) or None."""
         nw, n, c = fixed_sizes(windows, 1, 2, 3)
         qkv = self.qkv(windows).view(-1, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, d)
-        bias = self.position_bias(q.dtype)[None]  # 1, heads, N, N
+        bias = self.position_bias(q.dtype)  # heads, N, N
         if shift_mask is not None:
-            # One mask per window, shared by the images of the batch.
-            bias = (bias + shift_mask.to(q.dtype)).expand(b, nw, -1, -1, -1).reshape(b * nw, self.num_heads, n, n)
+            # Broadcast straight into a contiguous (B, nW, heads, N, N) mask: one pass, no copy after.
+            bias = (bias + shift_mask.to(q.dtype)).view(-1, self.num_heads, n, n)
+        else:
+            bias = bias[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(-1, nw, n, c))
 
@@ -201,7 +209,8 @@ class SwinStage(nn.Module):
         h, w = fixed_sizes(x, 1, 2)
         win = self.window
         hp, wp = h + (-h) % win, w + (-w) % win
-        shift_mask = shifted_window_mask(hp, wp, win, win // 2, x.device, x.dtype) if len(self.blocks) > 1 else None
+        shift_mask = shifted_window_mask(hp, wp, win, win // 2, x.shape[0], x.device, x.dtype) \
+            if len(self.blocks) > 1 else None
         for block in self.blocks:
             x = block(x, shift_mask)
         return x, (self.downsample(x) if self.downsample is not None else x)
