@@ -76,6 +76,19 @@ def commit(temporary: Path, final: Path, *, overwrite: bool = False) -> Path:
     return final
 
 
+def commit_together(moves: list[tuple[Path, Path]], *, overwrite: bool = False) -> None:
+    """Moves finished temporaries to their places in the order given, all or none: when one cannot be
+    placed (its target appeared meanwhile, without `overwrite`), those already placed are removed again."""
+    committed: list[Path] = []
+    try:
+        for temporary, final in moves:
+            committed.append(commit(temporary, final, overwrite=overwrite))
+    except BaseException:
+        for path in committed:
+            discard(path)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_outputs(paths: dict[str, Path], *, overwrite: bool = False,
                    folders: frozenset[str] = frozenset()) -> Iterator[dict[str, Path]]:
@@ -93,14 +106,7 @@ def atomic_outputs(paths: dict[str, Path], *, overwrite: bool = False,
             path.parent.mkdir(parents=True, exist_ok=True)
             temporaries[kind] = temporary_beside(path, folder=kind in folders)
         yield temporaries
-        committed: list[Path] = []
-        try:
-            for kind, path in paths.items():
-                committed.append(commit(temporaries[kind], path, overwrite=overwrite))
-        except BaseException:
-            for path in committed:
-                discard(path)
-            raise
+        commit_together([(temporaries[kind], path) for kind, path in paths.items()], overwrite=overwrite)
     finally:
         for temporary in temporaries.values():
             discard(temporary)

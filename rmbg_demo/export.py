@@ -22,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import processing
+from .atomic import commit_together, discard, temporary_beside
 from .models import ModelSpec, get_spec
 from .request import NETWORK_SIDE_RANGE, NETWORK_SIDE_STEP, parse_network_size
 
@@ -138,9 +138,10 @@ def check_images(size: tuple[int, int], count: int) -> torch.Tensor:
 
 
 def normalise(images: torch.Tensor, spec_or_mean, std=None) -> torch.Tensor:
+    """`processing.normalise` with a spec's (or given) mean and std."""
     mean = spec_or_mean.mean if isinstance(spec_or_mean, ModelSpec) else spec_or_mean
     std = spec_or_mean.std if isinstance(spec_or_mean, ModelSpec) else std
-    return (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return processing.normalise(images, mean, std)
 
 
 def export_metadata(spec: ModelSpec, size: tuple[int, int], dtype: str, opset: int,
@@ -299,39 +300,22 @@ def export_onnx(model_name: str, out_path, *, weights=None, network: nn.Module |
 @contextlib.contextmanager
 def _written_into_place(path: Path, overwrite: bool):
     """Yield a path named like `path` in a new folder beside it; when the block completes, move it and
-    its `.data` file, if any, to `path`. The folder and all in it are removed in any case.
-
-    The data goes first, so the model never appears before it. Without `overwrite`, hard links fail
-    rather than replace files another writer made meanwhile; with it, an older export's data file
-    that the new model does not read is removed.
-    """
-    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"))
+    its `.data` file, if any, to `path` together (`atomic.commit_together`: the data first, so the model
+    never appears before it; without `overwrite` nothing another writer made meanwhile is replaced).
+    With `overwrite`, an older export's data file that the new model does not read is removed. The
+    folder and all in it are removed in any case."""
+    folder = temporary_beside(path, folder=True)
     try:
         staged = folder / path.name
         yield staged
         moves = [(staged, path)]
         if data_path(staged).exists():
             moves.insert(0, (data_path(staged), data_path(path)))
-        for source, _ in moves:
-            with open(source, "rb+") as handle:
-                os.fsync(handle.fileno())
-        if overwrite:
-            for source, target in moves:
-                os.replace(source, target)
-            if len(moves) == 1:
-                data_path(path).unlink(missing_ok=True)
-            return
-        linked = []
-        for source, target in moves:
-            try:
-                os.link(source, target)
-            except FileExistsError:
-                for done in linked:
-                    done.unlink()
-                raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it") from None
-            linked.append(target)
+        commit_together(moves, overwrite=overwrite)
+        if overwrite and len(moves) == 1:
+            data_path(path).unlink(missing_ok=True)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        discard(folder)
 
 
 # -- the check --------------------------------------------------------------------------------

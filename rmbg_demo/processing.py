@@ -22,9 +22,12 @@ def preprocess(image: Image.Image, spec: ModelSpec, size: tuple[int, int] | None
     pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
     resized = F.interpolate(pixels, size=tuple(size or spec.input_size), mode="bilinear", align_corners=False,
                             antialias=spec.resize_antialias)
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    return (resized / 255.0 - mean) / std
+    return normalise(resized / 255.0, spec.mean, spec.std)
+
+
+def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, 3, H, W) values in [0, 1] -> the network's input, as the model's card normalises it."""
+    return (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def activate(raw: torch.Tensor, activation: Activation) -> torch.Tensor:
