@@ -27,6 +27,13 @@ ASSETS = ROOT / "assets"
 TEXTURES = ("grass.jpg", "gravel.jpg", "brick.jpg", "rocket.jpg")
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def ranks(values) -> np.ndarray:
     order = np.argsort(values, kind="stable")
     out = np.empty(len(values))
@@ -149,7 +156,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         data = evaluate(build_sets(Path(folder), args.n, args.seed))
     total = len(data["iou_error"])
-    lines = [f"### Confidence vs the true error ({datetime.date.today()}, {platform.processor() or 'cpu'})", "",
+    lines = [f"### Confidence vs the true error ({datetime.date.today()}, {cpu_name()})", "",
              f"`python bench/confidence.py --n {args.n} --seed {args.seed}`: {total} composites (easy "
              f"{int((data['kind'] == 'easy').sum())}, close colour {int((data['kind'] == 'close_colour').sum())}, "
              f"low contrast {int((data['kind'] == 'low_contrast').sum())}, small "

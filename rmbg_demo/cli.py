@@ -6,12 +6,19 @@ import logging
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from . import storage
-from .arguments import add_compile_argument, add_memory_argument, add_model_arguments, add_size_argument
+from .arguments import (
+    add_compile_argument,
+    add_memory_argument,
+    add_model_arguments,
+    add_size_argument,
+    size_argument,
+)
 from .atomic import write_atomic
 from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, IMAGE_EXTENSIONS, encode_image
 from .manifest import ManifestRecord, ManifestWriter
@@ -48,8 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="refuse larger images (default 50 MP)")
     remove.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    routing = remove.add_argument_group("by confidence", "each result's confidence (0-1, in the manifest) routes it")
+    routing.add_argument("--review-below", type=float, metavar="T",
+                         help="write the outputs of images scoring under T to OUT/review/ and list them at the end")
+    routing.add_argument("--escalate-to", metavar="MODEL", help="run the images scoring under --escalate-below "
+                                                                "again on MODEL and keep its answer")
+    routing.add_argument("--escalate-below", type=float, metavar="T", help="the cascade's threshold")
+    routing.add_argument("--escalate-weights", metavar="FILE", help="the second model's weights (--weights is "
+                                                                   "the first model's)")
+    routing.add_argument("--escalate-size", type=size_argument, metavar="N|WxH",
+                         help="the second model's network size (--size is the first model's; default: its own)")
     remove.add_argument("--manifest", metavar="FILE",
-                        help="JSON Lines, one record per input: input, outputs, model, width, height, seconds, error "
+                        help="JSON Lines, one record per input: input, outputs, model, width, height, seconds, error, "
+                             "confidence (with a cascade: escalated_from, first_confidence; review) "
                              "(with --ray always written, by default to OUT/manifest.jsonl)")
     add_ray_arguments(remove)
     video = remove.add_argument_group("video", "clips (recognised by their content) in the inputs")
@@ -175,48 +193,76 @@ def outputs_for(run: BatchRun):
     return outputs
 
 
+@dataclass
+class Tally:
+    """What a run did, for its summary: counts, errors, and the images routed by their confidence."""
+
+    written: int = 0
+    errors: list[str] = field(default_factory=list)
+    escalated: list[tuple[Job, float]] = field(default_factory=list)  # (job, the first model's confidence)
+    reviewed: list[str] = field(default_factory=list)
+
+
 def remove_here(run: BatchRun, options: RemovalOptions, manifest) -> int:
     """`rmbg remove` in this process."""
-    from .pipeline import RemovalPipeline
     from .video import VIDEO_EXTENSIONS
-    from .weights import WeightsError
 
     plan = plan_outputs(run, options, outputs_for=outputs_for(run), extensions=IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
-    errors = [f"{failed.input}: {failed.error}" for failed in plan.failed]
-    for failed, message in zip(plan.failed, errors):
+    tally = Tally(errors=[f"{failed.input}: {failed.error}" for failed in plan.failed])
+    for failed, message in zip(plan.failed, tally.errors):
         print(f"error: {message}", file=sys.stderr)
         record(manifest, failed)
     for job in plan.skipped:
         record(manifest, skipped_record(job))
-    written = 0
     if plan.jobs:
-        try:
-            pipeline = RemovalPipeline(options.model, run.weights, run.device, run.dtype, batch_size=run.batch_size,
-                                       max_pixels=run.max_pixels, compile=run.compile, input_size=options.size)
-        except (WeightsError, ValueError, RuntimeError) as exc:  # RuntimeError: a device torch cannot use
-            print(f"error: {exc}", file=sys.stderr)
+        pipeline = open_pipeline(options.model, run.weights, run, options.size)
+        if pipeline is None:
             return 2
-        print(f"model: {pipeline.describe()}", file=sys.stderr)
-        written, failed = process_images(pipeline, [job for job in plan.jobs if not job.video], run, options,
-                                         manifest)
-        errors += failed
+        run.check_cascade(pipeline.model_name)  # OptionError: before any image
+        process_images(pipeline, [job for job in plan.jobs if not job.video], run, options, manifest, tally)
         for job in (job for job in plan.jobs if job.video):
-            started = time.perf_counter()
-            try:
-                result = process_video(pipeline, job, run, options)
-                written += 1
-                record(manifest, ManifestRecord(job.source, list(job.outputs.values()), pipeline.model_name,
-                                                result.info.width, result.info.height,
-                                                time.perf_counter() - started))
-            except (OSError, ValueError, RuntimeError) as exc:  # VideoError is a ValueError
-                errors.append(f"{job.source}: {exc}")
-                print(f"error: {errors[-1]}", file=sys.stderr)
-                record(manifest, ManifestRecord(job.source, model=pipeline.model_name, error=str(exc)))
-    summary = f"{written} written, {len(errors)} failed, {len(plan.skipped)} skipped"
+            process_video_job(pipeline, job, run, options, manifest, tally)
+        if tally.escalated and escalate(pipeline, run, options, manifest, tally) is None:
+            return 2
+    summary = f"{tally.written} written, {len(tally.errors)} failed, {len(plan.skipped)} skipped"
     if plan.skipped:
         summary += " (outputs exist; --overwrite replaces them)"
     print(summary, file=sys.stderr)
-    return 1 if errors else 0
+    if tally.reviewed:
+        review = storage.join(run.output, "review")
+        print(f"{len(tally.reviewed)} under --review-below {run.review_below:g}, written to {review}: "
+              + ", ".join(Path(source).name for source in tally.reviewed), file=sys.stderr)
+    return 1 if tally.errors else 0
+
+
+def open_pipeline(model: str, weights, run: BatchRun, size):
+    """The run's pipeline for `model` at network size `size` (None: the model's own), or None after
+    saying why it cannot be built."""
+    from .pipeline import RemovalPipeline
+    from .weights import WeightsError
+
+    try:
+        pipeline = RemovalPipeline(model, weights, run.device, run.dtype, batch_size=run.batch_size,
+                                   max_pixels=run.max_pixels, compile=run.compile, input_size=size)
+    except (WeightsError, ValueError, RuntimeError) as exc:  # RuntimeError: a device torch cannot use
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    print(f"model: {pipeline.describe()}", file=sys.stderr)
+    return pipeline
+
+
+def escalate(first, run: BatchRun, options: RemovalOptions, manifest, tally: Tally):
+    """The images the first model was unsure of, again on --escalate-to; its answers are kept."""
+    jobs = [job for job, _ in tally.escalated]
+    print(f"escalating {len(jobs)} images (confidence under {run.escalate_below:g} with {first.model_name}) "
+          f"to {run.escalate_to}", file=sys.stderr)
+    second = open_pipeline(run.escalate_to, run.escalate_weights, run, run.escalate_size)
+    if second is None:
+        return None
+    scores = {job.source: score for job, score in tally.escalated}
+    tally.escalated = []
+    process_images(second, jobs, run, options, manifest, tally, first=(first.model_name, scores))
+    return second
 
 
 def record(manifest, entry: ManifestRecord) -> None:
@@ -225,42 +271,62 @@ def record(manifest, entry: ManifestRecord) -> None:
         manifest.write(entry)
 
 
-def process_video(pipeline, job: Job, run: BatchRun, options: RemovalOptions):
+def process_video_job(pipeline, job: Job, run: BatchRun, options: RemovalOptions, manifest, tally: Tally) -> None:
     """One clip, with a progress bar of frames (frames/s and time left)."""
     from .video import remove_video
 
-    with tqdm(unit="frame", desc=Path(job.source).name, disable=run.quiet, file=sys.stderr) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    started = time.perf_counter()
+    try:
+        with tqdm(unit="frame", desc=Path(job.source).name, disable=run.quiet, file=sys.stderr) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
 
-        return remove_video(pipeline, job.source, run.output, fmt=run.video_format,
-                            background=options.background.value, mask=options.mask, smooth=run.smooth,
-                            refine=options.refine, overwrite=run.overwrite, max_seconds=run.max_video_seconds,
-                            progress=progress)
+            result = remove_video(pipeline, job.source, run.output, fmt=run.video_format,
+                                  background=options.background.value, mask=options.mask, smooth=run.smooth,
+                                  refine=options.refine, overwrite=run.overwrite,
+                                  max_seconds=run.max_video_seconds, progress=progress)
+        tally.written += 1
+        record(manifest, ManifestRecord(job.source, list(job.outputs.values()), pipeline.model_name,
+                                        result.info.width, result.info.height, time.perf_counter() - started))
+    except (OSError, ValueError, RuntimeError) as exc:  # VideoError is a ValueError
+        tally.errors.append(f"{job.source}: {exc}")
+        print(f"error: {tally.errors[-1]}", file=sys.stderr)
+        record(manifest, ManifestRecord(job.source, model=pipeline.model_name, error=str(exc)))
 
 
-def process_images(pipeline, jobs: list[Job], run: BatchRun, options: RemovalOptions,
-                   manifest=None) -> tuple[int, list[str]]:
-    """Runs the image jobs `batch_size` at a time; one bad input never stops the others."""
-    written, failed = 0, []
+def process_images(pipeline, jobs: list[Job], run: BatchRun, options: RemovalOptions, manifest, tally: Tally,
+                   first: tuple[str, dict[str, float]] | None = None) -> None:
+    """Runs the image jobs `batch_size` at a time; one bad input never stops the others. With a cascade,
+    an image under --escalate-below is held for the second model (`first`: that first model and its
+    scores, when these are the held images); one under --review-below goes to OUT/review/."""
     bar = tqdm(total=len(jobs), unit="img", disable=run.quiet, file=sys.stderr)
     for job, outcome in zip(jobs, pipeline.iter_results(job.source for job in jobs)):
         try:
             if outcome.error is not None:
                 raise outcome.error
-            for kind, data in encoded_outputs(outcome.result, options, kinds=job.todo).items():
-                storage.write_bytes(data, job.todo[kind], overwrite=run.overwrite)
-            written += 1
-            image = outcome.result.image
-            record(manifest, ManifestRecord(job.source, list(job.outputs.values()), pipeline.model_name,
-                                            image.width, image.height, outcome.result.seconds))
+            result = outcome.result
+            if first is None and run.escalate_to and run.escalates(result.confidence):
+                tally.escalated.append((job, result.confidence))
+                bar.update(1)
+                continue
+            review = run.reviews(result.confidence)
+            targets = {kind: run.review_location(location) if review else location
+                       for kind, location in job.todo.items()}
+            for kind, data in encoded_outputs(result, options, kinds=targets).items():
+                storage.write_bytes(data, targets[kind], overwrite=run.overwrite)
+            tally.written += 1
+            tally.reviewed += [job.source] if review else []
+            record(manifest, ManifestRecord(
+                job.source, [targets.get(kind, location) for kind, location in job.outputs.items()],
+                pipeline.model_name, result.image.width, result.image.height, result.seconds,
+                confidence=result.confidence, review=review, escalated_from=first[0] if first else None,
+                first_confidence=first[1][job.source] if first else None))
         except (OSError, ValueError, RuntimeError) as exc:
-            failed.append(report(bar, job.source, exc))
+            tally.errors.append(report(bar, job.source, exc))
             record(manifest, ManifestRecord(job.source, model=pipeline.model_name, error=str(exc)))
         bar.update(1)
     bar.close()
-    return written, failed
 
 
 def report(bar, source, exc) -> str:

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .imageio import IMAGE_EXTENSIONS, load_image
 
 METRICS = ("smeasure", "maxf", "meanf", "wfm", "emeasure", "mae", "iou")
-CSV_COLUMNS = ("image", "model", *METRICS, "seconds")
+CSV_COLUMNS = ("image", "model", *METRICS, "seconds", "confidence")  # the score beside the true metrics
 BUILTIN_BENCHMARK = Path(__file__).resolve().parent / "data" / "benchmark"
 
 
@@ -114,7 +114,8 @@ def evaluate(images_dir, masks_dir, models: list[str], *, device="auto", dtype="
             prediction, truth = np.asarray(mask), load_truth(mask_path, mask.size)
             dataset.add(prediction, truth)
             report.rows.append({"image": image_path.name, "model": pipeline.model_name,
-                                **image_metrics(prediction, truth), "seconds": seconds[-1]})
+                                **image_metrics(prediction, truth), "seconds": seconds[-1],
+                                "confidence": outcome.result.confidence})
         if seconds:
             report.summary[pipeline.model_name] = {**dataset.results(), "seconds": float(np.mean(seconds))}
     return report

@@ -21,6 +21,10 @@ class ManifestRecord:
     seconds: float = 0.0
     error: str | None = None
     skipped: bool = False  # every output existed already and was kept (no --overwrite)
+    confidence: float | None = None  # the answering model's (rmbg_demo.confidence)
+    review: bool = False  # under --review-below: its outputs went to OUT/review/
+    escalated_from: str | None = None  # --escalate-to: the first model, whose score was under the threshold
+    first_confidence: float | None = None  # that first model's score
 
     @property
     def ok(self) -> bool:

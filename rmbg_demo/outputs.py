@@ -17,7 +17,9 @@ from pathlib import Path
 from . import storage
 from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from .manifest import ManifestRecord
-from .request import RemovalOptions
+from .request import NetworkSize, OptionError, RemovalOptions, parse_model
+
+REVIEW_FOLDER = "review"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,23 @@ class BatchRun:
     video_format: str = "webm"
     smooth: bool = False
     max_video_seconds: float | None = None
+    # by confidence (rmbg_demo.confidence): outputs under `review_below` go to OUT/review/; images under
+    # `escalate_below` run again on `escalate_to`, whose answer is kept
+    review_below: float | None = None
+    escalate_to: str | None = None
+    escalate_below: float | None = None
+    escalate_weights: str | None = None  # the second model's weights (default: found as for --model)
+    escalate_size: NetworkSize | None = None  # the second model's network size (default: its own)
+
+    def __post_init__(self):
+        for setting, value in (("--review-below", self.review_below), ("--escalate-below", self.escalate_below)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise OptionError(setting, value, "a confidence threshold is between 0 and 1")
+        if (self.escalate_to is None) != (self.escalate_below is None):
+            raise OptionError("--escalate-to" if self.escalate_to is None else "--escalate-below", None,
+                              "--escalate-to MODEL and --escalate-below T go together")
+        if self.escalate_to is not None:
+            object.__setattr__(self, "escalate_to", parse_model(self.escalate_to, "--escalate-to"))
 
     @classmethod
     def from_args(cls, args) -> BatchRun:
@@ -48,7 +67,26 @@ class BatchRun:
                    batch_size=max(1, args.batch_size), max_pixels=args.max_pixels,
                    weights=str(args.weights) if args.weights else None, device=args.device, dtype=args.dtype,
                    compile=args.compile, video_format=args.video_format, smooth=args.smooth,
-                   max_video_seconds=args.max_video_seconds)
+                   max_video_seconds=args.max_video_seconds, review_below=args.review_below,
+                   escalate_to=args.escalate_to, escalate_below=args.escalate_below,
+                   escalate_weights=str(args.escalate_weights) if args.escalate_weights else None,
+                   escalate_size=args.escalate_size)
+
+    def check_cascade(self, first_model: str) -> None:
+        """The second model must be another one (the first as the run resolved it)."""
+        if self.escalate_to is not None and self.escalate_to == first_model:
+            raise OptionError("--escalate-to", self.escalate_to, "is the model every image runs on first; "
+                              "choose another one")
+
+    def escalates(self, confidence: float | None) -> bool:
+        return self.escalate_below is not None and confidence is not None and confidence < self.escalate_below
+
+    def reviews(self, confidence: float | None) -> bool:
+        return self.review_below is not None and confidence is not None and confidence < self.review_below
+
+    def review_location(self, location: str) -> str:
+        """Where an output under the review threshold goes: OUT/review/<its name>."""
+        return storage.join(storage.join(self.output, REVIEW_FOLDER), storage.name(location))
 
 
 @dataclass
@@ -98,6 +136,11 @@ def plan_outputs(run: BatchRun, options: RemovalOptions, *, outputs_for: Outputs
     plan.failed += [ManifestRecord(input=text.split(": ", 1)[0], error=text.split(": ", 1)[-1]) for text in errors]
     out = run.output
     exists = _existence(out)
+    if run.review_below is not None:  # an output routed to review/ by an earlier run is there too
+        in_out, in_review = exists, _existence(storage.join(out, REVIEW_FOLDER))
+
+        def exists(location: str) -> bool:
+            return in_out(location) or in_review(run.review_location(location))
     inputs = {canonical(s) for s in sources}
     taken: dict[str, str] = {}
     for source in sources:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from . import compose, processing
+from .confidence import confidence
 from .engines import Engine, RequestBatcher, build_engine
 from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from .models import DEFAULT, FALLBACK, ModelSpec, get_spec
@@ -85,6 +86,12 @@ class Processor:
         """(1, h, w) probabilities -> 8-bit mask of `size` (width, height)."""
         return processing.to_mask(probability, size, self.spec)
 
+    def result_of(self, image: Image.Image, probability: torch.Tensor, source: str | None = None) -> RemovalResult:
+        """The network's (1, h, w) answer for `image` as a result: its mask at the image's size and its
+        confidence."""
+        return RemovalResult(image, self.to_mask(probability, image.size), self.spec.name, source=source,
+                             confidence=confidence(probability))
+
 
 @dataclass
 class RemovalResult:
@@ -95,6 +102,8 @@ class RemovalResult:
     model: str
     seconds: float = 0.0
     source: str | None = None
+    # How sure the network was, in [0, 1] (rmbg_demo.confidence), from its probability map
+    confidence: float | None = None
     _foreground: Image.Image | None = field(default=None, repr=False)
 
     def foreground(self, refine: bool = False) -> Image.Image:
@@ -196,6 +205,9 @@ class RemovalPipeline:
         return torch.cat([self.engine(torch.cat([self.preprocess(im) for im in images[start:start + self.batch_size]]))
                           for start in range(0, len(images), self.batch_size)])
 
+    def result_of(self, image: Image.Image, probability: torch.Tensor, source: str | None = None) -> RemovalResult:
+        return self.processor.result_of(image, probability, source)
+
     def predict_masks(self, images: Sequence[Image.Image]) -> list[Image.Image]:
         masks: list[Image.Image] = []
         for start in range(0, len(images), self.batch_size):
@@ -229,15 +241,17 @@ class RemovalPipeline:
         if decoded:
             started = time.perf_counter()
             try:
-                masks = self.predict_masks([image for _, image in decoded])
+                probabilities = self.predict_probabilities([image for _, image in decoded])
             except BATCH_ERRORS as exc:
                 log.warning("inference failed for a batch of %d images: %s", len(decoded), exc)
                 for outcome, _ in decoded:
                     outcome.error = exc
                 return outcomes
+            for (outcome, image), probability in zip(decoded, probabilities):
+                outcome.result = self.result_of(image, probability, _name(outcome.source))
             each = (time.perf_counter() - started) / len(decoded)
-            for (outcome, image), mask in zip(decoded, masks):
-                outcome.result = RemovalResult(image, mask, self.model_name, each, _name(outcome.source))
+            for outcome, _ in decoded:
+                outcome.result.seconds = each
         return outcomes
 
     def process(self, sources: Iterable) -> list[RemovalResult]:

@@ -237,7 +237,8 @@ class Handlers:
             result = self.one(source, options)
             out, image_path, mask_path = write_result(result, options, stem, self.folders.new())
         info = (f"**Model:** {self.models.get(options.model, options.size).describe()}  \n"
-                f"{result.image.width}x{result.image.height}, {time.perf_counter() - started:.2f} s")
+                f"{result.image.width}x{result.image.height}, {time.perf_counter() - started:.2f} s, "
+                f"confidence {result.confidence:.2f}")
         return (out, result.image), str(image_path), str(mask_path), result.mask, info
 
     # The settings are named, with their defaults, rather than taken as *settings: Gradio's API
@@ -264,7 +265,7 @@ class Handlers:
         return self.single(data, stem, options)
 
     def batch(self, files, model=None, background="transparent", colour="#ffffff", background_image=None,
-              refine=False, fmt="png", resolution="auto"):
+              refine=False, fmt="png", resolution="auto", lowest_first=False):
         if not files:
             raise gr.Error("add one or more images first")
         options = page_options(model, background, colour, background_image, refine, fmt, resolution)
@@ -280,8 +281,13 @@ class Handlers:
                         continue
                     _, image_path, mask_path = write_result(outcome.result, options, unique_stem(name, stems),
                                                             folder)
-                    gallery.append((str(image_path), name))  # the file, not the picture: nothing held in memory
+                    score = outcome.result.confidence
+                    # the file, not the picture: nothing held in memory
+                    gallery.append((str(image_path), f"{name} · confidence {score:.2f}", score))
                     outputs += [image_path, mask_path]
+        if lowest_first:  # the ones most worth a look first
+            gallery.sort(key=lambda item: item[2])
+        gallery = [(path, caption) for path, caption, _ in gallery]
         archive = write_zip(outputs, folder / "rmbg-batch.zip") if outputs else None
         info = f"**Model:** {pipeline.describe()}  \n{len(gallery)} done, {len(errors)} failed"
         info += "".join(f"  \n- {e}" for e in errors)
@@ -364,11 +370,13 @@ def build_demo(config: DemoConfig | None = None) -> gr.Blocks:
         with gr.Tab("Batch"):
             files = gr.File(label="Images", file_count="multiple", file_types=["image"], type="filepath",
                             elem_id="batch-files")
+            lowest_first = gr.Checkbox(False, label="Lowest confidence first", elem_id="batch-lowest-first")
             run_batch = gr.Button("Remove backgrounds", variant="primary", elem_id="run-batch")
             gallery = gr.Gallery(label="Cut-outs", columns=4, format="png", type="pil", elem_id="batch-gallery")
             archive = gr.File(label="zip of cut-outs and masks", elem_id="batch-zip")
             batch_info = gr.Markdown(elem_id="batch-info")
-            run_batch.click(handlers.batch, [files, *settings], [gallery, archive, batch_info], api_name="batch")
+            run_batch.click(handlers.batch, [files, *settings, lowest_first], [gallery, archive, batch_info],
+                            api_name="batch")
         video_tab(VideoHandler(models, handlers.folders, models.config.max_video_seconds, page_options), settings)
         with gr.Tab("Compare"):
             compare_image = RawImage(type="filepath", label="Image", image_mode=None, elem_id="compare-image",

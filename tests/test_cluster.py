@@ -222,3 +222,26 @@ def test_manifest_keeps_the_latest_record_per_input_and_survives_a_torn_line(tmp
     assert sorted(latest) == ["a.jpg", "b.jpg"]
     assert latest["a.jpg"].ok and latest["a.jpg"].outputs == ["out/a.png"]
     assert len(manifest_module.read_manifest(path, latest=False)) == 3
+
+
+def test_review_and_cascade_route_the_same_rows_as_the_plain_cli(local_ray, tmp_path, lite_weights_file):
+    """--review-below and --escalate-to with --ray: the second model's actors get only the escalated row,
+    its answer is kept and, under the review threshold, lands in OUT/review/, as the plain command does it."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("astronaut.jpg", "coffee.jpg", "chelsea.jpg"):  # u2netp: 0.93, 0.97, 0.80
+        (folder / name).write_bytes((Path(__file__).parents[1] / "assets" / name).read_bytes())
+    flags = ["--model", "u2netp", "--escalate-to", "birefnet-lite", "--escalate-below", "0.85", "--escalate-weights",
+             lite_weights_file, "--escalate-size", "256", "--dtype", "float32", "--review-below", "0.9"]
+    plain = plain_cli(folder, "-o", tmp_path / "plain", *flags, "-q")
+    run = ray_cli(folder, "-o", tmp_path / "ray", *flags, "--ray", "-q")
+    assert plain.returncode == 0 and run.returncode == 0, run.stderr
+    assert "escalating 1 images to model birefnet-lite at 256x256" in run.stderr
+    assert "1 under --review-below 0.9" in run.stderr
+    assert files(tmp_path / "ray" / "review") == files(tmp_path / "plain" / "review") == ["chelsea.png"]
+    assert np.array_equal(pixels(tmp_path / "ray" / "review" / "chelsea.png"),
+                          pixels(tmp_path / "plain" / "review" / "chelsea.png"))
+    records = {Path(r.input).name: r for r in manifest_module.read_manifest(tmp_path / "ray" / "manifest.jsonl")}
+    assert records["chelsea.jpg"].model == "birefnet-lite" and records["chelsea.jpg"].escalated_from == "u2netp"
+    assert records["chelsea.jpg"].review and records["chelsea.jpg"].first_confidence < 0.85
+    assert records["coffee.jpg"].model == "u2netp" and records["coffee.jpg"].confidence >= 0.9

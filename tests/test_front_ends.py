@@ -128,3 +128,28 @@ def test_every_front_end_gives_the_same_pictures(case, photos, page, service, li
     assert mask.std() > 4  # a mask with something in it (fixture weights give soft ones), not a constant
     if model == "u2netp":
         assert mask.min() < 10 and mask.max() > 245  # a real subject
+
+
+def test_every_front_end_says_how_sure_it_is(photos, page, service, tmp_path):
+    """The confidence score, the same number, in each front end's own place: the manifest (plain and --ray),
+    the service's X-Confidence header, the page's info line and its Batch captions (lowest first on request)."""
+    from rmbg_demo.pipeline import RemovalPipeline
+
+    expected = {name: RemovalPipeline("u2netp")(photos / name).confidence for name in PHOTOS}
+    assert len(set(expected.values())) == len(PHOTOS)
+    for extra in ([], ["--ray", "-q"]):
+        out = tmp_path / ("ray" if extra else "cli")
+        run = rmbg_in_process("remove", photos, "-o", out, "--model", "u2netp", "--manifest", out / "m.jsonl",
+                              *extra)
+        assert run.returncode == 0, run.stderr
+        lines = [__import__("json").loads(line) for line in (out / "m.jsonl").read_text().splitlines()]
+        assert {line["input"].rsplit("/", 1)[-1]: line["confidence"] for line in lines} == expected
+    for name in PHOTOS:
+        _, headers = service.remove((photos / name).read_bytes(), RemovalOptions(model="u2netp"))
+        assert float(headers["X-Confidence"]) == pytest.approx(expected[name], abs=1e-4)
+        info = page.predict(handle_file(str(photos / name)), "u2netp", api_name="/image")[4]
+        assert f"confidence {expected[name]:.2f}" in info
+    gallery, _, _ = page.predict([handle_file(str(photos / name)) for name in PHOTOS], "u2netp", "transparent",
+                                 "#ffffff", None, False, "png", "auto", True, api_name="/batch")
+    captions = [item["caption"] for item in gallery]
+    assert captions == [f"{name} · confidence {expected[name]:.2f}" for name in sorted(PHOTOS, key=expected.get)]

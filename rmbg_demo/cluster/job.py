@@ -33,7 +33,7 @@ from ..imageio import ImageDecodeError
 from ..manifest import ManifestRecord, ManifestWriter
 from ..models import get_spec
 from ..outputs import BatchRun, Plan, plan_outputs, skipped_record
-from ..pipeline import BATCH_ERRORS, Processor, RemovalResult, network_size_for, resolve_model
+from ..pipeline import BATCH_ERRORS, Processor, network_size_for, resolve_model
 from ..request import NetworkSize, RemovalOptions, encoded_outputs
 from .runtime import RayMissingError, cluster_gpus, import_ray, ray_session
 
@@ -63,21 +63,26 @@ def parse_workers(text: str | None, gpus_in_cluster: float) -> tuple[int, int]:
 
 # -- the plan: the plain CLI's -------------------------------------------------------------------------
 def tasks_of(plan: Plan) -> list[dict]:
-    """The dataset's rows: each input with the outputs to write now and those kept."""
+    """The dataset's rows: each input with the outputs to write now and those kept (and, for a cascade's
+    second pass, the first model and its score)."""
     return [{"input": storage.absolute(job.source), "image": job.todo.get("image", ""),
-             "mask": job.todo.get("mask", ""), "kept": json.dumps(job.kept)} for job in plan.jobs]
+             "mask": job.todo.get("mask", ""), "kept": json.dumps(job.kept), "first_model": "",
+             "first_confidence": float("nan")} for job in plan.jobs]
 
 
-def resolve_request(options: RemovalOptions, run: BatchRun) -> tuple[str, NetworkSize]:
-    """The model and network size the job runs at, decided as the plain CLI's pipeline decides them. An ONNX
+def resolve_model_size(model: str | None, weights, size) -> tuple[str, NetworkSize]:
+    """The model and network size a pass runs at, decided as the plain CLI's pipeline decides them. An ONNX
     engine is opened here to read what it says (an export's model and size, a fixed size); a PyTorch network
     is not loaded on the driver."""
     engine = None
-    if runtime_for(get_spec(resolve_model(options.model, run.weights)), run.weights) == "onnxruntime":
-        engine = build_engine(resolve_model(options.model, run.weights), run.weights, "cpu",
-                              input_size=options.size)
-    model = resolve_model(options.model, run.weights, engine)
-    return model, network_size_for(get_spec(model), options.size, engine)
+    if runtime_for(get_spec(resolve_model(model, weights)), weights) == "onnxruntime":
+        engine = build_engine(resolve_model(model, weights), weights, "cpu", input_size=size)
+    chosen = resolve_model(model, weights, engine)
+    return chosen, network_size_for(get_spec(chosen), size, engine)
+
+
+def resolve_request(options: RemovalOptions, run: BatchRun) -> tuple[str, NetworkSize]:
+    return resolve_model_size(options.model, run.weights, options.size)
 
 
 # -- stages (module-level functions and a class: Ray ships them to the workers by reference) --------------
@@ -139,9 +144,9 @@ class NetworkStage:
     """One engine per actor, built once (the model loaded once); each call is one network batch of the rows
     that decoded, their inputs already preprocessed by the CPU tasks."""
 
-    def __init__(self, model: str, size: tuple[int, int], run: BatchRun):
+    def __init__(self, model: str, size: tuple[int, int], weights, run: BatchRun):
         self.model, self.size = model, tuple(size)
-        self.engine = build_engine(model, run.weights, run.device, run.dtype, input_size=self.size,
+        self.engine = build_engine(model, weights, run.device, run.dtype, input_size=self.size,
                                    compile=run.compile, max_batch=run.batch_size)
 
     def __call__(self, batch: dict) -> dict:
@@ -166,31 +171,45 @@ class NetworkStage:
                 "model": _column([self.model] * n), "t_network": np.full(n, each if ok else 0.0)}
 
 
-def post_stage(batch: dict, size: tuple[int, int], max_pixels: int, options: RemovalOptions) -> dict:
-    """Probabilities -> mask at the photo's size -> cut-out or composite -> encoded bytes."""
+def post_stage(batch: dict, size: tuple[int, int], options: RemovalOptions, run: BatchRun, escalating: bool) -> dict:
+    """Probabilities -> mask at the photo's size and its confidence -> cut-out or composite -> encoded bytes.
+    By confidence: held back for the cascade's second model (`escalating`: nothing encoded), or sent to
+    OUT/review/ (the row's output locations change)."""
     images, masks, errors, seconds = [], [], list(batch["error"]), []
+    targets = {kind: [str(value) for value in batch[kind]] for kind in ("image", "mask")}
+    scores, reviewed, held = [], [], []
     for i in range(len(errors)):
         started = time.perf_counter()
-        encoded = {}
+        encoded, score, review, hold = {}, float("nan"), False, False
         if not errors[i]:
             try:
                 model = str(batch["model"][i])
                 photo_size = (int(batch["width"][i]), int(batch["height"][i]))
-                probability = np.frombuffer(bytes(batch["prob"][i]), np.float32).reshape(
-                    int(batch["prob_h"][i]), int(batch["prob_w"][i]))
-                mask = Processor(get_spec(model), size, max_pixels).to_mask(torch.from_numpy(probability.copy())[None],
-                                                                           photo_size)
+                probability = torch.from_numpy(np.frombuffer(bytes(batch["prob"][i]), np.float32).reshape(
+                    int(batch["prob_h"][i]), int(batch["prob_w"][i])).copy())[None]
                 photo = _image(batch["pixels"][i], *photo_size, batch["channels"][i])
-                kinds = [kind for kind in ("image", "mask") if batch[kind][i]]
-                encoded = encoded_outputs(RemovalResult(photo, mask, model), options, kinds=kinds)
+                result = Processor(get_spec(model), size, run.max_pixels).result_of(photo, probability)
+                score = result.confidence
+                hold = escalating and run.escalates(score)
+                review = not hold and run.reviews(score)
+                for kind in ("image", "mask"):
+                    if review and targets[kind][i]:
+                        targets[kind][i] = run.review_location(targets[kind][i])
+                kinds = [kind for kind in ("image", "mask") if targets[kind][i] and not hold]
+                encoded = encoded_outputs(result, options, kinds=kinds)
             except (ValueError, OSError) as exc:
                 errors[i] = str(exc)
         images.append(encoded.get("image", b""))
         masks.append(encoded.get("mask", b""))
+        scores.append(score)
+        reviewed.append(review)
+        held.append(hold)
         seconds.append(time.perf_counter() - started)
     rest = {k: v for k, v in batch.items() if k not in ("pixels", "prob", "prob_h", "prob_w")}
-    return {**rest, "encoded_image": _column(images), "encoded_mask": _column(masks), "error": _column(errors),
-            "t_post": np.array(seconds)}
+    return {**rest, "image": _column(targets["image"]), "mask": _column(targets["mask"]),
+            "encoded_image": _column(images), "encoded_mask": _column(masks), "error": _column(errors),
+            "confidence": np.array(scores, dtype=np.float64), "review": np.array(reviewed, dtype=bool),
+            "escalate": np.array(held, dtype=bool), "t_post": np.array(seconds)}
 
 
 def write_output(data: bytes, location: str, overwrite: bool) -> None:
@@ -208,7 +227,7 @@ def write_stage(batch: dict, overwrite: bool) -> dict:
     for i in range(len(errors)):
         started = time.perf_counter()
         written = json.loads(str(batch["kept"][i]))
-        if not errors[i]:
+        if not errors[i] and not batch["escalate"][i]:
             try:
                 for kind, data_key in (("image", "encoded_image"), ("mask", "encoded_mask")):
                     if batch[kind][i]:
@@ -218,31 +237,43 @@ def write_stage(batch: dict, overwrite: bool) -> dict:
                 errors[i] = str(exc)
         outputs.append(json.dumps(written))
         seconds.append(time.perf_counter() - started)
-    keep = ("input", "model", "width", "height", "t_read", "t_decode", "t_network", "t_post")
+    keep = ("input", "model", "width", "height", "t_read", "t_decode", "t_network", "t_post", "confidence", "review",
+            "escalate", "image", "mask", "kept", "first_model", "first_confidence")
     return {**{k: batch[k] for k in keep}, "outputs": _column(outputs), "error": _column(errors),
             "t_write": np.array(seconds)}
 
 
 # -- the driver ----------------------------------------------------------------------------------------------
-def build_dataset(ray, plan: Plan, run: BatchRun, options: RemovalOptions, model: str, size: NetworkSize,
+@dataclass(frozen=True)
+class Pass:
+    """One pass of the job over its rows: the model, its network size and weights; `escalating`: rows
+    under --escalate-below are held back for the second pass."""
+
+    model: str
+    size: NetworkSize
+    weights: str | None
+    escalating: bool
+
+
+def build_dataset(ray, tasks: list[dict], run: BatchRun, options: RemovalOptions, stage: Pass,
                   workers: tuple[int, int], gpus: float):
     """The stages as a lazy Ray Dataset of result rows (input, outputs, model, width, height, error, t_*)."""
     from ray.data import ActorPoolStrategy
 
-    tasks = tasks_of(plan)
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, min(len(tasks), 64)))
     small = {"batch_format": "numpy", "batch_size": 4, "zero_copy_batch": False}
     ds = ds.map_batches(read_stage, **small)
-    ds = ds.map_batches(decode_stage, fn_kwargs={"model": model, "size": size, "max_pixels": run.max_pixels},
-                        **small)
+    ds = ds.map_batches(decode_stage, fn_kwargs={"model": stage.model, "size": stage.size,
+                                                 "max_pixels": run.max_pixels}, **small)
     # Actor pool: the model loads once per actor; Ray restarts a dead actor and resends its batches.
     ds = ds.map_batches(
-        NetworkStage, fn_constructor_kwargs={"model": model, "size": size, "run": run},
+        NetworkStage, fn_constructor_kwargs={"model": stage.model, "size": stage.size, "weights": stage.weights,
+                                             "run": run},
         batch_size=run.batch_size, batch_format="numpy", zero_copy_batch=False,
         compute=ActorPoolStrategy(min_size=workers[0], max_size=workers[1]),
-        num_gpus=gpus or None, num_cpus=None if gpus else 1, memory=actor_memory(model))
-    ds = ds.map_batches(post_stage, fn_kwargs={"size": size, "max_pixels": run.max_pixels, "options": options},
-                        **small)
+        num_gpus=gpus or None, num_cpus=None if gpus else 1, memory=actor_memory(stage.model))
+    ds = ds.map_batches(post_stage, fn_kwargs={"size": stage.size, "options": options, "run": run,
+                                               "escalating": stage.escalating}, **small)
     return ds.map_batches(write_stage, fn_kwargs={"overwrite": run.overwrite}, **small)
 
 
@@ -254,12 +285,26 @@ def actor_memory(model: str) -> int:
     return get_spec(model).actor_memory_mb * 1024 * 1024
 
 
+def _score(value) -> float | None:
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
 def _record(row: dict) -> ManifestRecord:
     error = str(row["error"]) or None
     return ManifestRecord(input=str(row["input"]), outputs=json.loads(str(row["outputs"])),
                           model=str(row["model"]) or None, width=int(row["width"]) or None,
                           height=int(row["height"]) or None, error=error,
-                          seconds=sum(float(row[f"t_{stage}"]) for stage in STAGES))
+                          seconds=sum(float(row[f"t_{stage}"]) for stage in STAGES),
+                          confidence=_score(row["confidence"]), review=bool(row["review"]),
+                          escalated_from=str(row["first_model"]) or None,
+                          first_confidence=_score(row["first_confidence"]))
+
+
+def _held_task(row: dict) -> dict:
+    """A row the first model was unsure of, as a task for the second pass."""
+    return {"input": str(row["input"]), "image": str(row["image"]), "mask": str(row["mask"]),
+            "kept": str(row["kept"]), "first_model": str(row["model"]), "first_confidence": float(row["confidence"])}
 
 
 class _Manifest:
@@ -286,48 +331,58 @@ def run_ray_job(run: BatchRun, options: RemovalOptions, ray_settings: RaySetting
     try:
         import_ray()  # a missing extra is said first
         model, size = resolve_request(options, run)
+        run.check_cascade(model)
+        second = resolve_model_size(run.escalate_to, run.escalate_weights, run.escalate_size) \
+            if run.escalate_to else None
         parse_workers(ray_settings.workers, 0)  # a bad --workers fails before anything starts
         plan = plan_outputs(run, options)
     except (RayMissingError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    passes = [Pass(model, size, run.weights, escalating=second is not None)]
+    if second:
+        passes.append(Pass(*second, run.escalate_weights, escalating=False))
     try:
         with ray_session(ray_settings.address, quiet=run.quiet) as ray:
-            return _run(ray, plan, run, options, ray_settings, model, size)
+            return _run(ray, plan, run, options, ray_settings, passes)
     except ConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def _run(ray, plan: Plan, run: BatchRun, options: RemovalOptions, ray_settings: RaySettings, model: str,
-         size: NetworkSize) -> int:
+class _Progress:
+    """The job's counts and where the time went, across its passes."""
+
+    def __init__(self):
+        self.totals = dict.fromkeys(STAGES, 0.0)
+        self.processed = 0
+        self.reviewed: list[str] = []
+        self.started = time.perf_counter()
+
+    def add(self, row: dict, record: ManifestRecord) -> None:
+        self.processed += 1
+        for stage in STAGES:
+            self.totals[stage] += float(row[f"t_{stage}"])
+        if record.review:
+            self.reviewed.append(record.input)
+
+
+def _run(ray, plan: Plan, run: BatchRun, options: RemovalOptions, ray_settings: RaySettings,
+         passes: list[Pass]) -> int:
     manifest = _Manifest(storage.location(run.manifest) if run.manifest else storage.join(run.output,
                                                                                            "manifest.jsonl"))
-    totals = dict.fromkeys(STAGES, 0.0)
-    started = time.perf_counter()
-    processed = 0
+    progress = _Progress()
     interrupted = False
     try:
         for record in plan.failed + [skipped_record(job) for job in plan.skipped]:
             manifest.writer.write(record)
         for record in plan.failed:
             print(f"error: {record.input}: {record.error}", file=sys.stderr)
-        if plan.jobs:
-            gpus = ray_settings.gpus_per_worker if ray_settings.gpus_per_worker is not None else \
-                (1.0 if cluster_gpus() else 0.0)
-            workers = parse_workers(ray_settings.workers, cluster_gpus() / gpus if gpus else 0)
-            _quiet_progress(ray, run.quiet)
-            if not run.quiet:
-                print(f"ray: {len(plan.jobs)} images, model {model} at {size}, {workers[0]}-{workers[1]} model "
-                      f"actors, {gpus:g} GPU each", file=sys.stderr)
-            for row in build_dataset(ray, plan, run, options, model, size, workers, gpus).iter_rows():
-                record = _record(row)
-                manifest.writer.write(record)
-                processed += 1
-                for stage in STAGES:
-                    totals[stage] += float(row[f"t_{stage}"])
-                if record.error:
-                    print(f"error: {record.input}: {record.error}", file=sys.stderr)
+        tasks = tasks_of(plan)
+        for stage in passes:
+            if not tasks:
+                break
+            tasks = _one_pass(ray, tasks, run, options, ray_settings, stage, manifest, progress)
     except KeyboardInterrupt:
         interrupted = True
     except ValueError as exc:  # a bad --workers
@@ -335,14 +390,43 @@ def _run(ray, plan: Plan, run: BatchRun, options: RemovalOptions, ray_settings: 
         return 2
     finally:
         manifest.close()
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - progress.started
     failed = manifest.writer.failed
-    print(summary(processed - (failed - len(plan.failed)), failed, len(plan.skipped), wall, totals,
-                  manifest.location), file=sys.stderr)
+    print(summary(progress.processed - (failed - len(plan.failed)), failed, len(plan.skipped), wall,
+                  progress.totals, manifest.location), file=sys.stderr)
+    if progress.reviewed:
+        print(f"{len(progress.reviewed)} under --review-below {run.review_below:g}, written to "
+              f"{storage.join(run.output, 'review')}: " + ", ".join(storage.name(i) for i in progress.reviewed),
+              file=sys.stderr)
     if interrupted:
         print("interrupted: rerun the same command to write what is missing", file=sys.stderr)
         return 130
     return 1 if failed else 0
+
+
+def _one_pass(ray, tasks: list[dict], run: BatchRun, options: RemovalOptions, ray_settings: RaySettings,
+              stage: Pass, manifest: _Manifest, progress: _Progress) -> list[dict]:
+    """Runs `tasks` through `stage`'s model, writing each finished row's manifest line; returns the rows held
+    back for the next pass (the cascade's escalated ones; only their rows reach its actors)."""
+    gpus = ray_settings.gpus_per_worker if ray_settings.gpus_per_worker is not None else \
+        (1.0 if cluster_gpus() else 0.0)
+    workers = parse_workers(ray_settings.workers, cluster_gpus() / gpus if gpus else 0)
+    _quiet_progress(ray, run.quiet)
+    if not run.quiet or tasks[0]["first_model"]:
+        what = f"escalating {len(tasks)} images to" if tasks[0]["first_model"] else f"ray: {len(tasks)} images,"
+        print(f"{what} model {stage.model} at {stage.size}, {workers[0]}-{workers[1]} model actors, {gpus:g} GPU "
+              f"each", file=sys.stderr)
+    held = []
+    for row in build_dataset(ray, tasks, run, options, stage, workers, gpus).iter_rows():
+        if bool(row["escalate"]):
+            held.append(_held_task(row))
+            continue
+        record = _record(row)
+        manifest.writer.write(record)
+        progress.add(row, record)
+        if record.error:
+            print(f"error: {record.input}: {record.error}", file=sys.stderr)
+    return held
 
 
 def _quiet_progress(ray, quiet: bool) -> None:

@@ -22,7 +22,6 @@ from starlette.responses import JSONResponse, Response
 from ..budget import BudgetExceeded, MemoryBudget, image_cost
 from ..imageio import ImageDecodeError, encode_image, image_size
 from ..models import REGISTRY
-from ..pipeline import RemovalResult
 from ..pool import ModelPool, PoolSettings
 from ..request import NETWORK_SIDE_RANGE, RemovalOptions, network_size, parse_model, render
 from .settings import ServeSettings
@@ -138,6 +137,7 @@ class Remover:
         done = time.perf_counter()
         timing["decode"] += timing.pop("admitted") - started  # the header, and any wait for the budget
         headers = {"X-Model": model, "X-Seconds": f"{done - started:.4f}",
+                   "X-Confidence": f"{timing.pop('confidence'):.4f}",
                    "X-Image-Size": f"{image.width}x{image.height}", "X-Network-Size": str(pipeline.input_size),
                    "Server-Timing": ", ".join(f"{k};dur={1000 * v:.1f}" for k, v in timing.items())}
         return Response(body, media_type=MEDIA_TYPES[options.format], headers=headers)
@@ -160,17 +160,19 @@ class Remover:
         networked = time.perf_counter()
 
         def finish() -> bytes:
-            mask = pipeline.to_mask(probability, image.size)
+            result = pipeline.result_of(image, probability)
+            timing["confidence"] = result.confidence
             if options.mask:
-                return encode_image(mask, options.format)
-            return encode_image(render(RemovalResult(image, mask, model), options), options.format)
+                return encode_image(result.mask, options.format)
+            return encode_image(render(result, options), options.format)
 
+        timing = {}
         try:
             body = await asyncio.to_thread(finish)
         except ValueError as exc:  # a background that cannot be applied
             raise BadRequest(str(exc)) from None
-        timing = {"admitted": admitted, "decode": decoded - admitted, "network": networked - decoded,
-                  "compose": time.perf_counter() - networked}
+        timing.update({"admitted": admitted, "decode": decoded - admitted, "network": networked - decoded,
+                       "compose": time.perf_counter() - networked})
         return image, body, timing
 
     async def _predict(self, request: Request) -> Response:
