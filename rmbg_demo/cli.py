@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--background", metavar="COLOR|blur|IMAGE",
                         help="put the subject on a colour (#hex or name), the blurred original, or an image file")
     remove.add_argument("--refine", action="store_true", help="re-estimate colours at soft edges (no halo)")
+    add_framing_arguments(remove)
     remove.add_argument("--recursive", "-r", action="store_true", help="look into sub-folders of folder inputs")
     remove.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     remove.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -114,6 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("-o", "--output", type=Path, required=True, metavar="COLLAGE.png")
     add_model_arguments(compare, repeatable=True)
     return parser
+
+
+def add_framing_arguments(parser) -> None:
+    """Product-photo finishing (RemovalOptions' framing fields; checked before any image is read)."""
+    group = parser.add_argument_group("framing", "crop to the subject, place it on a canvas, add a shadow")
+    group.add_argument("--crop", action="store_const", const=True, help="crop the output (and mask) to the subject")
+    group.add_argument("--margin", metavar="N|N%", help="space around the subject: pixels, or a percentage of its "
+                                                       "box's width (left, right) and height (top, bottom)")
+    group.add_argument("--canvas", metavar="WxH", help="place the subject on a canvas of this size")
+    group.add_argument("--scale", metavar="P%", help="on a canvas, the subject's box fills P%% of it (its limiting "
+                                                     "side; default: the subject and margins fit the canvas)")
+    group.add_argument("--position", metavar="WHERE", help="center (default), top, bottom, left, right or X%%,Y%%: "
+                                                           "where the subject's box sits on the canvas")
+    group.add_argument("--shadow", choices=["drop", "contact", "none"], help="a soft shadow from the subject's alpha")
+    group.add_argument("--shadow-opacity", metavar="0-1", help="default 0.5")
+    group.add_argument("--shadow-blur", metavar="PX", help="default: 2.5%% of the subject's height")
+    group.add_argument("--shadow-offset", metavar="X,Y", help="pixels (default: drop 2%%, 3%% of the subject's box)")
+    group.add_argument("--srgb", action="store_const", const=True,
+                       help="convert to sRGB (default: keep the photo's colour profile in the output)")
 
 
 def add_ray_arguments(parser) -> None:

@@ -11,14 +11,19 @@ from PIL import Image, ImageColor, ImageFilter
 
 
 def _alpha(image: Image.Image, mask: Image.Image) -> np.ndarray:
-    """The mask, multiplied by the image's own alpha when it has one, as uint8."""
+    """The subject's alpha: the mask, and where the image has transparency of its own, the minimum of the
+    two (a pixel the photo made transparent stays so; the mask cannot add opacity), as uint8."""
     if image.size != mask.size:
         raise ValueError(f"image is {image.size[0]}x{image.size[1]} but mask is {mask.size[0]}x{mask.size[1]}")
-    alpha = np.asarray(mask.convert("L"), dtype=np.uint16)
+    alpha = np.asarray(mask.convert("L"), dtype=np.uint8)
     if image.mode == "RGBA":
-        source = np.asarray(image.getchannel("A"), dtype=np.uint16)
-        alpha = (alpha * source + 127) // 255
-    return alpha.astype(np.uint8)
+        alpha = np.minimum(alpha, np.asarray(image.getchannel("A"), dtype=np.uint8))
+    return alpha
+
+
+def subject_alpha(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """`_alpha` as an L image."""
+    return Image.fromarray(_alpha(image, mask), "L")
 
 
 def cutout(image: Image.Image, mask: Image.Image) -> Image.Image:

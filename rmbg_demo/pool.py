@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .engines import Engine, RequestBatcher, ZeroGpuEngine, build_engine, pick_device, zerogpu_decorator
-from .imageio import DEFAULT_MAX_PIXELS, encode_image
+from .imageio import DEFAULT_MAX_PIXELS
 from .models import REGISTRY, Runtime, get_spec, model_names
 from .pipeline import RemovalPipeline, choose_model
-from .request import RemovalOptions, render
+from .request import RemovalOptions, encoded_outputs, render
 from .weights import weights_available
 
 log = logging.getLogger(__name__)
@@ -167,9 +167,10 @@ def remove(data, *, model: str | None = "auto", weights=None, background=None, r
     `only_mask` the mask (L)."""
     options = RemovalOptions(model=model or "auto", size=size, background=background, refine=refine, format=fmt)
     result = get_pipeline(options.model, weights, device, dtype, size=options.size)(data)
-    out = result.mask if only_mask else render(result, options)
     if isinstance(data, (bytes, bytearray, memoryview)):
-        return encode_image(out, options.format)
+        kind = "mask" if only_mask else "image"
+        return encoded_outputs(result, options, kinds=[kind])[kind]
+    out = result.mask if only_mask else render(result, options)
     if isinstance(data, np.ndarray):
         return np.asarray(out)
     return out

@@ -19,7 +19,7 @@ from typing import NamedTuple
 from PIL import Image
 
 from .compose import parse_color
-from .imageio import FORMAT_EXTENSIONS, ImageDecodeError, encode_image, load_image
+from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, encode_image, load_image
 
 
 class OptionError(ValueError):
@@ -174,6 +174,126 @@ def parse_model(name, setting: str = "model") -> str:
     return REGISTRY[text].name
 
 
+# -- framing -------------------------------------------------------------------------------------------------
+POSITIONS = {"center": (0.5, 0.5), "centre": (0.5, 0.5), "top": (0.5, 0.0), "bottom": (0.5, 1.0),
+             "left": (0.0, 0.5), "right": (1.0, 0.5)}
+SHADOWS = ("drop", "contact")
+
+
+def _number(text, setting: str, why: str) -> float:
+    try:
+        value = float(str(text).strip().rstrip("%").strip())
+    except ValueError:
+        raise OptionError(setting, text, why) from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise OptionError(setting, text, why)
+    return value
+
+
+def parse_margin(text, setting: str = "margin") -> tuple[float, bool]:
+    """'20' (pixels) or '10%' (of the subject box's width left and right, height top and bottom)."""
+    if isinstance(text, tuple):
+        return text
+    if text in (None, ""):
+        return (0.0, False)
+    percent = str(text).strip().endswith("%")
+    value = _number(text, setting, "give pixels (20) or a percentage of the subject's box (10%)")
+    if value < 0 or (percent and value > 500) or (not percent and value > 10000):
+        raise OptionError(setting, text, "from 0 to 10000 pixels or 0% to 500%")
+    return (value, percent)
+
+
+def parse_canvas(text, setting: str = "canvas") -> ImageSize | None:
+    """'WIDTHxHEIGHT' of the output canvas; within the pixel cap."""
+    if text in (None, "", "none"):
+        return None
+    if isinstance(text, tuple):
+        width, height = text
+    else:
+        parts = str(text).strip().lower().split("x")
+        try:
+            width, height = (int(part) for part in parts)
+        except ValueError:
+            raise OptionError(setting, text, "give WIDTHxHEIGHT, e.g. 1200x1200") from None
+    if width < 1 or height < 1 or width > 20000 or height > 20000 or width * height > DEFAULT_MAX_PIXELS:
+        raise OptionError(setting, text, f"each side from 1 to 20000 pixels and at most "
+                                         f"{DEFAULT_MAX_PIXELS / 1e6:.0f} MP in all")
+    return ImageSize(int(width), int(height))
+
+
+def parse_scale(text, setting: str = "scale") -> float | None:
+    """'80%' (or '80'): the subject's box fills that share of the canvas (its limiting side); None: fit the
+    framed region inside the canvas."""
+    if text in (None, "", "auto"):
+        return None
+    if isinstance(text, float) and 0 < text <= 1 and not str(text).endswith("%"):
+        return text
+    value = _number(text, setting, "give a percentage, e.g. 80%")
+    if not 1 <= value <= 100:
+        raise OptionError(setting, text, "from 1% to 100% of the canvas")
+    return value / 100
+
+
+def parse_position(text, setting: str = "position") -> tuple[float, float]:
+    """center, top, bottom, left, right, or 'X%,Y%' (where the subject's box sits, as remove.bg means it)."""
+    if isinstance(text, tuple):
+        return text
+    name = (str(text) if text not in (None, "") else "center").strip().lower()
+    if name in POSITIONS:
+        return POSITIONS[name]
+    parts = name.split(",")
+    if len(parts) == 2:
+        x, y = (_number(part, setting, "X%,Y%") for part in parts)
+        if 0 <= x <= 100 and 0 <= y <= 100:
+            return (x / 100, y / 100)
+    raise OptionError(setting, text, "choose center, top, bottom, left, right or X%,Y% (0-100 each)")
+
+
+def parse_shadow(text, setting: str = "shadow") -> str | None:
+    name = (str(text) if text is not None else "").strip().lower()
+    if name in ("", "none", "off", "false", "0"):
+        return None
+    if name not in SHADOWS:
+        raise OptionError(setting, text, "choose drop, contact or none")
+    return name
+
+
+def parse_fraction(text, setting: str) -> float:
+    value = _number(text, setting, "give a number from 0 to 1 (or a percentage)")
+    value = value / 100 if str(text).strip().endswith("%") else value
+    if not 0 <= value <= 1:
+        raise OptionError(setting, text, "from 0 to 1 (or 0% to 100%)")
+    return value
+
+
+def parse_pixels(text, setting: str) -> float | None:
+    if text in (None, "", "auto"):
+        return None
+    value = _number(text, setting, "give pixels")
+    if not 0 <= value <= 1000:
+        raise OptionError(setting, text, "from 0 to 1000 pixels")
+    return value
+
+
+def parse_offset(text, setting: str = "shadow offset") -> tuple[int, int] | None:
+    if text in (None, "", "auto"):
+        return None
+    if isinstance(text, tuple):
+        return text
+    parts = str(text).split(",")
+    if len(parts) != 2:
+        raise OptionError(setting, text, "give X,Y in pixels, e.g. 12,18")
+    x, y = (_number(part, setting, "give X,Y in pixels") for part in parts)
+    if abs(x) > 1000 or abs(y) > 1000:
+        raise OptionError(setting, text, "each from -1000 to 1000 pixels")
+    return (round(x), round(y))
+
+
+# The framing fields of RemovalOptions: the CLI's flags (--shadow-opacity ...) and the query's names.
+FRAMING_FIELDS = ("crop", "margin", "canvas", "scale", "position", "shadow", "shadow_opacity", "shadow_blur",
+                  "shadow_offset", "srgb")
+
+
 # -- the request ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RemovalOptions:
@@ -186,6 +306,17 @@ class RemovalOptions:
     refine: bool = False  # re-estimate colours at soft edges
     format: str = "png"
     mask: bool = False  # a mask output too (CLI: <name>_mask; service: the mask instead of the cut-out)
+    # framing (rmbg_demo.framing): crop to the subject, margins, a canvas, the subject's place and size on it
+    crop: bool = False
+    margin: tuple[float, bool] = (0.0, False)  # (value, is a percentage of the subject's box)
+    canvas: ImageSize | None = None
+    scale: float | None = None  # the share of the canvas the subject's box fills; None: fit the framed region
+    position: tuple[float, float] = (0.5, 0.5)  # where the subject's box sits, (x, y) in [0, 1]
+    shadow: str | None = None  # drop | contact
+    shadow_opacity: float = 0.5
+    shadow_blur: float | None = None  # pixels on the output; None: 2.5 % of the subject's height
+    shadow_offset: tuple[int, int] | None = None  # pixels; None: drop 2 %, 3 % of the subject's box
+    srgb: bool = False  # convert to sRGB (else the input's colour profile is kept in the output)
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalised values are set once, here
@@ -195,6 +326,21 @@ class RemovalOptions:
         set_(self, "refine", parse_flag(self.refine, "refine"))
         set_(self, "format", parse_format(self.format))
         set_(self, "mask", parse_flag(self.mask, "mask"))
+        set_(self, "crop", parse_flag(self.crop, "crop"))
+        set_(self, "margin", parse_margin(self.margin))
+        set_(self, "canvas", parse_canvas(self.canvas))
+        set_(self, "scale", parse_scale(self.scale))
+        set_(self, "position", parse_position(self.position))
+        set_(self, "shadow", parse_shadow(self.shadow))
+        set_(self, "shadow_opacity", parse_fraction(self.shadow_opacity, "shadow opacity"))
+        set_(self, "shadow_blur", parse_pixels(self.shadow_blur, "shadow blur"))
+        set_(self, "shadow_offset", parse_offset(self.shadow_offset))
+        set_(self, "srgb", parse_flag(self.srgb, "srgb"))
+
+    @property
+    def framed(self) -> bool:
+        """Any framing asked for (else the picture is the photo's frame, as the cut-out always was)."""
+        return self.crop or self.canvas is not None or self.shadow is not None
 
     def replace(self, **changes) -> RemovalOptions:
         return replace(self, **changes)
@@ -208,7 +354,8 @@ class RemovalOptions:
     def from_args(cls, args) -> RemovalOptions:
         """`rmbg remove`'s flags."""
         return cls(model=args.model, size=args.size, background=args.background, refine=args.refine,
-                   format=args.format, mask=args.mask)
+                   format=args.format, mask=args.mask,
+                   **{name: getattr(args, name) for name in FRAMING_FIELDS if getattr(args, name) is not None})
 
     @classmethod
     def from_query(cls, query: Mapping[str, str], background_image: bytes | None = None) -> RemovalOptions:
@@ -217,7 +364,8 @@ class RemovalOptions:
         background = background_image if background_image else \
             parse_background(query.get("background"), files=False)
         return cls(model=query.get("model") or "auto", size=query.get("size"), background=background,
-                   refine=query.get("refine"), format=query.get("format") or "png", mask=query.get("mask"))
+                   refine=query.get("refine"), format=query.get("format") or "png", mask=query.get("mask"),
+                   **{name: query[name] for name in FRAMING_FIELDS if query.get(name) not in (None, "")})
 
     def to_query(self) -> dict[str, str]:
         """The query `from_query` reads back (an image background travels as an upload beside it)."""
@@ -230,12 +378,39 @@ class RemovalOptions:
             query["refine"] = "1"
         if self.mask:
             query["mask"] = "1"
+        for name, text in self.framing_text().items():
+            query[name] = text
         return query
+
+    def framing_text(self) -> dict[str, str]:
+        """The framing settings that differ from the defaults, written as their parsers read them."""
+        text = {}
+        if self.crop:
+            text["crop"] = "1"
+        if self.margin != (0.0, False):
+            text["margin"] = f"{self.margin[0]:g}{'%' if self.margin[1] else ''}"
+        if self.canvas is not None:
+            text["canvas"] = f"{self.canvas.width}x{self.canvas.height}"
+        if self.scale is not None:
+            text["scale"] = f"{self.scale * 100:g}%"
+        if self.position != (0.5, 0.5):
+            text["position"] = f"{self.position[0] * 100:g}%,{self.position[1] * 100:g}%"
+        if self.shadow is not None:
+            text["shadow"] = self.shadow
+            text["shadow_opacity"] = f"{self.shadow_opacity:g}"
+            if self.shadow_blur is not None:
+                text["shadow_blur"] = f"{self.shadow_blur:g}"
+            if self.shadow_offset is not None:
+                text["shadow_offset"] = f"{self.shadow_offset[0]},{self.shadow_offset[1]}"
+        if self.srgb:
+            text["srgb"] = "1"
+        return text
 
     @classmethod
     def from_widgets(cls, model=None, background: str = "transparent", colour: str | None = "#ffffff",
                      background_image: str | None = None, refine=False, fmt: str = "png",
-                     resolution: str = "auto") -> RemovalOptions:
+                     resolution: str = "auto", crop=False, margin="", canvas="", scale="", position="center",
+                     shadow="none", srgb=False) -> RemovalOptions:
         """The page's settings: the background is a choice (transparent, colour, blur, image) plus the
         colour picker and the uploaded background image."""
         choice = (background or "transparent").strip().lower()
@@ -250,22 +425,42 @@ class RemovalOptions:
             chosen = parse_background(choice)
         else:
             raise OptionError("background", background, "choose transparent, colour, blur or image")
-        return cls(model=model or "auto", size=resolution, background=chosen, refine=refine, format=fmt)
+        return cls(model=model or "auto", size=resolution, background=chosen, refine=refine, format=fmt, crop=crop,
+                   margin=margin, canvas=canvas, scale=scale, position=position, shadow=shadow, srgb=srgb)
 
 
 # -- from a result to what is written -----------------------------------------------------------------------
+def rendered(result, options: RemovalOptions) -> tuple[Image.Image, Image.Image]:
+    """(picture, mask) as `options` ask for them: the cut-out (RGBA) or the subject over the background
+    (RGB), framed when asked (`rmbg_demo.framing`: the mask through the same geometry)."""
+    if options.framed:
+        from .framing import frame_result
+
+        return frame_result(result, options)
+    return result.composite(options.background.value, refine=options.refine), result.mask
+
+
 def render(result, options: RemovalOptions) -> Image.Image:
     """The picture `options` ask for: the cut-out (RGBA), or the subject over the background (RGB)."""
-    return result.composite(options.background.value, refine=options.refine)
+    return rendered(result, options)[0]
 
 
-def encoded_outputs(result, options: RemovalOptions, kinds=("image", "mask")) -> dict[str, bytes]:
-    """{"image": the rendered picture, "mask": the 8-bit mask}, encoded in the options' format."""
+def encoded_outputs(result, options: RemovalOptions, kinds=("image", "mask"),
+                    pictures: tuple[Image.Image, Image.Image] | None = None) -> dict[str, bytes]:
+    """{"image": the rendered picture, "mask": the 8-bit mask}, encoded in the options' format (`pictures`:
+    `rendered`'s answer when the caller has it already). The picture carries the photo's colour profile,
+    or with `srgb` is converted to sRGB (`rmbg_demo.colour`)."""
+    from .colour import profile_of, to_srgb
+
+    picture, mask = pictures or rendered(result, options)
     out = {}
     if "image" in kinds:
-        out["image"] = encode_image(render(result, options), options.format)
+        icc = profile_of(result.image)
+        if options.srgb:
+            picture, icc = to_srgb(picture, icc), None
+        out["image"] = encode_image(picture, options.format, icc_profile=icc)
     if "mask" in kinds:
-        out["mask"] = encode_image(result.mask, options.format)
+        out["mask"] = encode_image(mask, options.format)
     return out
 
 

@@ -27,7 +27,7 @@ from .imageio import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, ImageDecodeError, im
 from .models import DEFAULT, REGISTRY, get_spec
 from .pipeline import Outcome, RemovalPipeline, RemovalResult
 from .pool import ModelPool, PoolSettings
-from .request import RemovalOptions, encoded_outputs, render
+from .request import RemovalOptions, encoded_outputs, rendered
 from .ui_video import VideoHandler, video_tab
 from .weights import WeightsError
 
@@ -172,8 +172,8 @@ class OutputFolders:
 
 def write_result(result: RemovalResult, options: RemovalOptions, stem: str,
                  folder: Path) -> tuple[Image.Image, Path, Path]:
-    out = render(result, options)
-    encoded = encoded_outputs(result, options)
+    out, mask = rendered(result, options)
+    encoded = encoded_outputs(result, options, pictures=(out, mask))
     image_path = write_atomic(encoded["image"], folder / f"{stem}-nobg{options.extension}")
     mask_path = write_atomic(encoded["mask"], folder / f"{stem}-mask{options.extension}")
     return out, image_path, mask_path
@@ -245,18 +245,22 @@ class Handlers:
     # marks a parameter optional only when the handler's own argument has a default, and
     # BRIA's Space is called with the image (or URL) alone.
     def image(self, path, model=None, background="transparent", colour="#ffffff", background_image=None,
-              refine=False, fmt="png", resolution="auto"):
+              refine=False, fmt="png", resolution="auto", crop=False, margin="", canvas="", scale="",
+              position="center", shadow="none", srgb=False):
         if not path:
             raise gr.Error("upload, paste or drop an image first")
-        options = page_options(model, background, colour, background_image, refine, fmt, resolution)
+        options = page_options(model, background, colour, background_image, refine, fmt, resolution, crop, margin,
+                               canvas, scale, position, shadow, srgb)
         return self.single(path, safe_stem(Path(path).name), options)
 
     def text(self, url, model=None, background="transparent", colour="#ffffff", background_image=None,
-             refine=False, fmt="png", resolution="auto"):
+             refine=False, fmt="png", resolution="auto", crop=False, margin="", canvas="", scale="",
+             position="center", shadow="none", srgb=False):
         url = (url or "").strip()
         if not url:
             raise gr.Error("paste an image URL first")
-        options = page_options(model, background, colour, background_image, refine, fmt, resolution)
+        options = page_options(model, background, colour, background_image, refine, fmt, resolution, crop, margin,
+                               canvas, scale, position, shadow, srgb)
         try:
             data = fetch.fetch_url(url, allow_private=self.models.config.allow_private_urls)
         except fetch.URLFetchError as exc:
@@ -265,10 +269,12 @@ class Handlers:
         return self.single(data, stem, options)
 
     def batch(self, files, model=None, background="transparent", colour="#ffffff", background_image=None,
-              refine=False, fmt="png", resolution="auto", lowest_first=False):
+              refine=False, fmt="png", resolution="auto", crop=False, margin="", canvas="", scale="",
+              position="center", shadow="none", srgb=False, lowest_first=False):
         if not files:
             raise gr.Error("add one or more images first")
-        options = page_options(model, background, colour, background_image, refine, fmt, resolution)
+        options = page_options(model, background, colour, background_image, refine, fmt, resolution, crop, margin,
+                               canvas, scale, position, shadow, srgb)
         pipeline = self.models.get(options.model, options.size)
         folder, gallery, errors, outputs, stems = self.folders.new(), [], [], [], set()
         for start in range(0, len(files), pipeline.batch_size):  # network batches; memory held per batch
@@ -334,7 +340,19 @@ def settings_inputs(models: Models) -> list:
             colour = gr.ColorPicker("#ffffff", label="Background colour")
             background_image = RawImage(type="filepath", label="Background image", sources=["upload", "clipboard"],
                                         image_mode=None, height=160)
-    return [model, background, colour, background_image, refine, fmt, resolution]
+    with gr.Accordion("Framing", open=False, elem_id="framing"):
+        with gr.Row():
+            crop = gr.Checkbox(False, label="Crop to the subject", elem_id="crop")
+            margin = gr.Textbox("", label="Margin (px or %)", placeholder="e.g. 20 or 10%", elem_id="margin")
+            canvas = gr.Textbox("", label="Canvas (WxH)", placeholder="e.g. 1200x1200", elem_id="canvas")
+            scale = gr.Textbox("", label="Subject scale on the canvas (%)", placeholder="e.g. 80%", elem_id="scale")
+        with gr.Row():
+            position = gr.Dropdown(["center", "top", "bottom", "left", "right"], value="center",
+                                   allow_custom_value=True, label="Position (or X%,Y%)", elem_id="position")
+            shadow = gr.Radio(["none", "drop", "contact"], value="none", label="Shadow", elem_id="shadow")
+            srgb = gr.Checkbox(False, label="Convert to sRGB (else keep the photo's colour profile)", elem_id="srgb")
+    return [model, background, colour, background_image, refine, fmt, resolution,
+            crop, margin, canvas, scale, position, shadow, srgb]
 
 
 def result_outputs(label: str, prefix: str) -> list:

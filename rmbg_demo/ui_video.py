@@ -60,7 +60,7 @@ class VideoHandler:
 def video_tab(handler: VideoHandler, settings: list) -> None:
     """Inside a gr.Blocks: the tab's components and its event; `settings` are the page's shared settings
     (model, background, colour, background image, refine, format, resolution)."""
-    model, background, colour, background_image, refine, _fmt, resolution = settings
+    model, background, colour, background_image, refine, _fmt, resolution = settings[:7]  # no framing for clips yet
     with gr.Tab("video"):
         # A plain file input: our own decoder checks the content (gr.Video would hand it to ffmpeg first).
         clip = gr.File(label="Upload or drop a video", file_types=["video"], type="filepath", elem_id="video-input")

@@ -150,6 +150,6 @@ def test_every_front_end_says_how_sure_it_is(photos, page, service, tmp_path):
         info = page.predict(handle_file(str(photos / name)), "u2netp", api_name="/image")[4]
         assert f"confidence {expected[name]:.2f}" in info
     gallery, _, _ = page.predict([handle_file(str(photos / name)) for name in PHOTOS], "u2netp", "transparent",
-                                 "#ffffff", None, False, "png", "auto", True, api_name="/batch")
+                                 "#ffffff", None, False, "png", "auto", lowest_first=True, api_name="/batch")
     captions = [item["caption"] for item in gallery]
     assert captions == [f"{name} · confidence {expected[name]:.2f}" for name in sorted(PHOTOS, key=expected.get)]

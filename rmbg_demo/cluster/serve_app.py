@@ -20,10 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..budget import BudgetExceeded, MemoryBudget, image_cost
-from ..imageio import ImageDecodeError, encode_image, image_size
+from ..imageio import ImageDecodeError, image_size
 from ..models import REGISTRY
 from ..pool import ModelPool, PoolSettings
-from ..request import NETWORK_SIDE_RANGE, RemovalOptions, network_size, parse_model, render
+from ..request import NETWORK_SIDE_RANGE, RemovalOptions, encoded_outputs, network_size, parse_model
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,8 @@ class Remover:
         def finish() -> bytes:
             result = pipeline.result_of(image, probability)
             timing["confidence"] = result.confidence
-            if options.mask:
-                return encode_image(result.mask, options.format)
-            return encode_image(render(result, options), options.format)
+            kind = "mask" if options.mask else "image"
+            return encoded_outputs(result, options, kinds=[kind])[kind]
 
         timing = {}
         try:

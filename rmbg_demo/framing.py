@@ -1,0 +1,187 @@
+"""Finishing for product photos: crop to the subject, margins, a canvas with the subject placed and scaled
+on it, and a soft shadow drawn from the subject's own alpha.
+
+Geometry works on the subject as straight-alpha RGBA; Pillow resizes RGBA through premultiplied alpha,
+so edges keep their colour (no dark fringes). The mask output goes through the same geometry as the
+picture (without the shadow), so the two stay aligned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+ALPHA_THRESHOLD = 128  # a pixel belongs to the subject's box from half opacity
+RESAMPLE = Image.Resampling.LANCZOS
+
+
+@dataclass(frozen=True)
+class Box:
+    left: int
+    top: int
+    right: int  # exclusive
+    bottom: int  # exclusive
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+
+def speck_size(size: tuple[int, int]) -> int:
+    """Blobs narrower than this many pixels do not widen the subject's box (0.5 % of the shorter side, odd)."""
+    side = max(3, round(min(size) * 0.005))
+    return side + 1 - side % 2
+
+
+def subject_box(alpha: Image.Image, threshold: int = ALPHA_THRESHOLD) -> Box | None:
+    """The box of the pixels at least `threshold` opaque, specks ignored (a morphological opening); None
+    when there is no subject."""
+    solid = alpha.point(lambda value: 255 if value >= threshold else 0)
+    kernel = speck_size(alpha.size)
+    opened = solid.filter(ImageFilter.MinFilter(kernel)).filter(ImageFilter.MaxFilter(kernel))
+    found = opened.getbbox()
+    return Box(*found) if found else None
+
+
+def with_margin(box: Box, margin) -> Box:
+    """`margin`: (value, is_percent): pixels, or a percentage of the box's width (left and right) and height
+    (top and bottom). The result may reach past the image: that part is transparent."""
+    value, percent = margin
+    dx = round(box.width * value / 100) if percent else round(value)
+    dy = round(box.height * value / 100) if percent else round(value)
+    return Box(box.left - dx, box.top - dy, box.right + dx, box.bottom + dy)
+
+
+def crop(image: Image.Image, box: Box) -> Image.Image:
+    """`image` cut to `box`; outside the image, transparent (RGBA/L) or black."""
+    return image.crop((box.left, box.top, box.right, box.bottom))
+
+
+def place(subject: Image.Image, canvas: tuple[int, int], content: Box, *, scale: float | None,
+          position: tuple[float, float], margin: Box | None = None) -> tuple[Image.Image, tuple[int, int], float]:
+    """Where `subject` (already cut to its framed region) goes on a canvas of `canvas` (W, H).
+
+    `content`: the subject's own box inside `subject`; `scale`: the fraction of the canvas that box fills
+    (its limiting side exactly, aspect kept), or None: the whole framed region fits the canvas;
+    `position`: (x, y) in [0, 1], where the box sits (0.5, 0.5 centred; (0.5, 1) standing on the bottom).
+    Returns the resized subject, its top-left corner on the canvas and the factor it was resized by."""
+    width, height = canvas
+    if scale is not None:
+        factor = min(width * scale / content.width, height * scale / content.height)
+    else:
+        factor = min(width / subject.width, height / subject.height)
+    resized = subject.resize((max(1, round(subject.width * factor)), max(1, round(subject.height * factor))),
+                             RESAMPLE)
+    box_w, box_h = content.width * factor, content.height * factor
+    box_left, box_top = content.left * factor, content.top * factor
+    x = position[0] * (width - box_w) - box_left
+    y = position[1] * (height - box_h) - box_top
+    return resized, (round(x), round(y)), factor
+
+
+def on_canvas(layer: Image.Image, size: tuple[int, int], corner: tuple[int, int]) -> Image.Image:
+    """`layer` (RGBA or L) pasted at `corner` onto an empty canvas of `size`."""
+    canvas = Image.new(layer.mode, size, 0)
+    canvas.paste(layer, corner)
+    return canvas
+
+
+def shadow_alpha(alpha: Image.Image, kind: str, *, opacity: float, blur: float, offset: tuple[int, int],
+                 box: Box | None) -> Image.Image:
+    """The shadow's alpha (L), from the subject's alpha on the final canvas. drop: the silhouette moved by
+    `offset` and softened; contact: a flat ellipse under the subject's base, as on a floor."""
+    size = alpha.size
+    if kind == "drop":
+        shadow = Image.new("L", size, 0)
+        shadow.paste(alpha, offset)
+    else:  # contact
+        shadow = Image.new("L", size, 0)
+        if box is not None:
+            width = box.width
+            height = max(2, round(box.height * 0.06))
+            ellipse = Image.new("L", (width, height * 2), 0)
+            from PIL import ImageDraw
+
+            ImageDraw.Draw(ellipse).ellipse((0, 0, width - 1, height * 2 - 1), fill=255)
+            shadow.paste(ellipse, (box.left + offset[0], box.bottom - height + offset[1]))
+    if blur > 0:
+        shadow = shadow.filter(ImageFilter.GaussianBlur(blur))
+    return shadow.point(lambda value: round(value * opacity))
+
+
+def over(background: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """`colour` (H, W, 3) with `alpha` (H, W) in [0, 1] over `background` (H, W, 3), floats."""
+    return colour * alpha[..., None] + background * (1.0 - alpha[..., None])
+
+
+def flatten(subject: Image.Image, shadow: Image.Image | None, background: Image.Image | None) -> Image.Image:
+    """The layers, bottom up: background (RGB, or None: transparent), shadow (black), subject (RGBA).
+    Transparent: the result's alpha holds the shadow as semi-transparent black, as remove.bg's does."""
+    colour = np.asarray(subject.convert("RGB"), np.float32)
+    alpha = np.asarray(subject.getchannel("A"), np.float32) / 255
+    shade = np.asarray(shadow, np.float32) / 255 if shadow is not None else np.zeros_like(alpha)
+    if background is not None:
+        below = over(np.asarray(background, np.float32), np.zeros_like(colour), shade)
+        out = over(below, colour, alpha)
+        return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+    total = alpha + shade * (1 - alpha)  # "over" onto nothing: the shadow shows where the subject does not
+    weight = np.divide(alpha, total, out=np.zeros_like(alpha), where=total > 0)
+    out = colour * weight[..., None]  # the shadow is black
+    rgba = np.dstack([np.clip(out + 0.5, 0, 255), np.clip(total * 255 + 0.5, 0, 255)]).astype(np.uint8)
+    return Image.fromarray(rgba, "RGBA")
+
+
+def backdrop(photo: Image.Image, background, size: tuple[int, int]) -> Image.Image | None:
+    """The background setting filling a canvas of `size`: None (transparent), a colour, the photo blurred
+    and covering it, or an image covering it."""
+    from .compose import background_image, cover
+
+    if background is None:
+        return None
+    if isinstance(background, str) and background == "blur":
+        return background_image(cover(photo, size), "blur")
+    if isinstance(background, Image.Image):
+        return cover(background, size)
+    return Image.new("RGB", size, tuple(background))
+
+
+def frame_result(result, options) -> tuple[Image.Image, Image.Image]:
+    """The framed picture and the mask through the same geometry (the subject's alpha, no shadow)."""
+    import logging
+
+    from .compose import subject_alpha
+
+    photo = result.image
+    alpha = subject_alpha(photo, result.mask)
+    subject = result.foreground(options.refine).convert("RGB").convert("RGBA")
+    subject.putalpha(alpha)
+    found = subject_box(alpha)
+    if found is None:
+        logging.getLogger(__name__).warning("%s: no subject found; the full frame is kept",
+                                            result.source or "an image")
+    box = found or Box(0, 0, *photo.size)
+    region = with_margin(box, options.margin) if (options.crop or options.canvas) and found else Box(0, 0, *photo.size)
+    content = Box(box.left - region.left, box.top - region.top, box.right - region.left, box.bottom - region.top)
+    subject = crop(subject, region)
+    if options.canvas is not None:
+        resized, corner, factor = place(subject, tuple(options.canvas), content, scale=options.scale,
+                                        position=options.position)
+        subject = on_canvas(resized, tuple(options.canvas), corner)
+        content = Box(*(round(v) for v in (content.left * factor + corner[0], content.top * factor + corner[1],
+                                           content.right * factor + corner[0], content.bottom * factor + corner[1])))
+    mask = subject.getchannel("A")
+    shadow = None
+    if options.shadow is not None:
+        height = max(1, content.height)
+        blur = options.shadow_blur if options.shadow_blur is not None else 0.025 * height
+        offset = options.shadow_offset or ((round(0.02 * content.width), round(0.03 * height))
+                                           if options.shadow == "drop" else (0, 0))
+        shadow = shadow_alpha(mask, options.shadow, opacity=options.shadow_opacity, blur=blur, offset=offset,
+                              box=content)
+    picture = flatten(subject, shadow, backdrop(photo.convert("RGB"), options.background.value, subject.size))
+    return picture, mask
