@@ -1,0 +1,150 @@
+"""Framing for product photos, with known geometry: a built-in composite whose true mask is known, cut out
+by the embedded model, then cropped, margined, placed on a canvas, shadowed; and colour profiles kept."""
+import io
+
+import numpy as np
+import pytest
+from helpers import ASSETS, display_p3_profile, rmbg_in_process
+from PIL import Image, ImageCms
+
+from rmbg_demo.framing import subject_box
+from rmbg_demo.pipeline import RemovalPipeline
+from rmbg_demo.request import OptionError, RemovalOptions, encoded_outputs, rendered
+
+BENCHMARK = ASSETS.parent / "rmbg_demo" / "data" / "benchmark"
+
+
+@pytest.fixture(scope="module")
+def result():
+    """0005.jpg (400x300) through u2netp (its mask's box is within 1 pixel of the true one)."""
+    return RemovalPipeline("u2netp")(BENCHMARK / "images" / "0005.jpg")
+
+
+@pytest.fixture(scope="module")
+def true_box():
+    return subject_box(Image.open(BENCHMARK / "masks" / "0005.png").convert("L"))
+
+
+def alpha_box(image: Image.Image):
+    return subject_box(image.getchannel("A") if image.mode == "RGBA" else image)
+
+
+def test_crop_is_the_subjects_box_plus_the_margin(result, true_box):
+    picture, mask = rendered(result, RemovalOptions(crop=True, margin="12"))
+    assert abs(picture.width - (true_box.width + 24)) <= 3 and abs(picture.height - (true_box.height + 24)) <= 3
+    assert mask.size == picture.size and picture.mode == "RGBA"
+    picture, _ = rendered(result, RemovalOptions(crop=True, margin="10%"))
+    assert abs(picture.width - true_box.width * 1.2) <= 4 and abs(picture.height - true_box.height * 1.2) <= 4
+
+
+@pytest.mark.parametrize("position, where", [("center", (0.5, 0.5)), ("bottom", (0.5, 1.0)), ("25%,75%", (0.25, 0.75))])
+def test_on_a_canvas_the_subject_has_the_asked_scale_and_position(result, position, where):
+    canvas = (600, 500)
+    picture, mask = rendered(result, RemovalOptions(canvas="600x500", scale="60%", position=position))
+    assert picture.size == canvas == mask.size
+    box = alpha_box(picture)
+    limiting = max(box.width / canvas[0], box.height / canvas[1])
+    assert limiting == pytest.approx(0.6, abs=0.02)  # the limiting side is 60 % of the canvas's
+    free_x, free_y = canvas[0] - box.width, canvas[1] - box.height
+    assert box.left == pytest.approx(where[0] * free_x, abs=0.02 * canvas[0])
+    assert box.top == pytest.approx(where[1] * free_y, abs=0.02 * canvas[1])
+
+
+def test_resampling_onto_a_canvas_leaves_no_dark_fringe():
+    """A flat red subject with a soft edge, scaled onto a white canvas: every edge pixel lies between the
+    subject's colour and white (straight colours resampled through premultiplied alpha: nothing darker)."""
+    from rmbg_demo.pipeline import RemovalResult
+
+    size = 300
+    ys, xs = np.mgrid[0:size, 0:size]
+    soft = np.clip((0.35 * size - np.hypot(xs - size / 2, ys - size / 2)) / 6 + 0.5, 0, 1)
+    subject = RemovalResult(Image.new("RGB", (size, size), (200, 40, 40)),
+                            Image.fromarray((soft * 255).astype(np.uint8), "L"), "u2netp")
+    for canvas in ("700x700", "150x150"):  # up and down
+        picture, mask = rendered(subject, RemovalOptions(canvas=canvas, background="#ffffff"))
+        pixels, alpha = np.asarray(picture, int), np.asarray(mask, int)
+        assert picture.getpixel((1, 1)) == (255, 255, 255)
+        edge = (alpha > 5) & (alpha < 250)
+        assert edge.any()
+        assert pixels[edge][:, 0].min() >= 198 and pixels[edge][:, 1:].min() >= 38, canvas
+
+
+def test_a_drop_shadow_is_semi_transparent_black_outside_the_subject_on_its_offset_side(result):
+    picture, mask = rendered(result, RemovalOptions(crop=True, margin="40", shadow="drop", shadow_offset="14,20",
+                                                    shadow_blur="3", shadow_opacity="0.6"))
+    alpha, subject = np.asarray(picture.getchannel("A"), int), np.asarray(mask, int)
+    added = alpha - subject
+    assert added.min() >= 0 and added.max() > 40  # only adds opacity
+    shaded = (added > 10) & (subject == 0)
+    assert shaded.any() and (added[subject == 255] == 0).all()  # never over the subject
+    rows, columns = np.nonzero(shaded)
+    box = subject_box(mask)
+    assert columns.mean() > (box.left + box.right) / 2 and rows.mean() > (box.top + box.bottom) / 2
+    assert np.asarray(picture.convert("RGB"))[shaded].max() <= 10  # black
+    plain, _ = rendered(result, RemovalOptions(crop=True, margin="40"))
+    assert np.array_equal(np.asarray(plain.getchannel("A")), subject)  # the mask output has no shadow
+
+
+def test_a_subject_free_image_keeps_the_full_frame(caplog):
+    empty = RemovalPipeline("u2netp")(Image.new("RGB", (64, 48), (128, 128, 128)))
+    empty.mask = Image.new("L", (64, 48), 0)
+    picture, _ = rendered(empty, RemovalOptions(crop=True, margin="10"))
+    assert picture.size == (64, 48) and "no subject found" in caplog.text
+
+
+def test_the_photos_colour_profile_is_kept_or_converted_to_srgb(tmp_path):
+    p3 = display_p3_profile()
+    photo = Image.open(ASSETS / "coffee.jpg").convert("RGB")
+    for fmt in ("PNG", "WEBP"):
+        buffer = io.BytesIO()
+        photo.save(buffer, fmt, icc_profile=p3, **({"lossless": True} if fmt == "WEBP" else {}))
+        result = RemovalPipeline("u2netp")(buffer.getvalue())
+        kept = Image.open(io.BytesIO(encoded_outputs(result, RemovalOptions(format=fmt), ["image"])["image"]))
+        assert kept.info.get("icc_profile") == p3, fmt
+    converted = Image.open(io.BytesIO(encoded_outputs(result, RemovalOptions(srgb=True), ["image"])["image"]))
+    assert not converted.info.get("icc_profile")
+    expected = ImageCms.profileToProfile(photo, ImageCms.ImageCmsProfile(io.BytesIO(p3)),
+                                         ImageCms.createProfile("sRGB"))
+    solid = np.asarray(converted.getchannel("A")) == 255
+    assert np.abs(np.asarray(converted.convert("RGB"), int)[solid] - np.asarray(expected, int)[solid]).max() <= 1
+
+
+def test_cmyk_comes_out_as_rgb_and_upright(tmp_path):
+    photo = Image.open(ASSETS / "chelsea.jpg")
+    cmyk = photo.convert("CMYK")
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: to be shown turned 90 degrees
+    cmyk.transpose(Image.Transpose.ROTATE_90).save(buffer, "JPEG", quality=95, exif=exif)
+    result = RemovalPipeline("u2netp")(buffer.getvalue())
+    out = Image.open(io.BytesIO(encoded_outputs(result, RemovalOptions(), ["image"])["image"]))
+    assert out.size == photo.size and out.mode == "RGBA" and not out.getexif().get(0x0112)
+    reference = np.asarray(Image.open(buffer).transpose(Image.Transpose.ROTATE_270).convert("RGB"), int)
+    assert np.abs(np.asarray(out.convert("RGB"), int) - reference).mean() < 2
+
+
+def test_an_input_alpha_and_the_mask_combine_as_their_minimum(result):
+    rgba = result.image.convert("RGBA")
+    own = np.zeros((rgba.height, rgba.width), np.uint8)
+    own[:, : rgba.width // 2] = 255
+    own[:, rgba.width // 2:] = 100
+    rgba.putalpha(Image.fromarray(own))
+    with_alpha = RemovalPipeline("u2netp")(rgba)
+    cut = np.asarray(with_alpha.cutout().getchannel("A"))
+    assert np.array_equal(cut, np.minimum(own, np.asarray(with_alpha.mask)))
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--margin", "-5"], "margin '-5'"), (["--scale", "0"], "scale '0': from 1% to 100%"),
+    (["--scale", "500%"], "scale '500%'"), (["--canvas", "0x10"], "canvas '0x10'"),
+    (["--canvas", "9000x9000"], "at most 50 MP"), (["--position", "middle"], "position 'middle'"),
+    (["--shadow", "drop", "--shadow-opacity", "2"], "shadow opacity '2'"),
+    (["--shadow-offset", "5"], "shadow offset '5'"),
+])
+def test_bad_framing_settings_are_refused_before_any_image_is_read(tmp_path, flags, words):
+    run = rmbg_in_process("remove", ASSETS / "chelsea.jpg", "-o", tmp_path / "out", "--model", "u2netp", *flags)
+    assert run.returncode == 2 and words in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(OptionError):
+        RemovalOptions.from_query({flag.lstrip("-").replace("-", "_"): value
+                                   for flag, value in zip(flags[::2], flags[1::2])})
