@@ -24,7 +24,8 @@ from common import ROOT, report  # noqa: E402
 
 from rmbg_demo.compose import cutout  # noqa: E402
 from rmbg_demo.imageio import encode_image, load_image  # noqa: E402
-from rmbg_demo.pipeline import RemovalPipeline  # noqa: E402
+from rmbg_demo.pipeline import RemovalPipeline, RemovalResult  # noqa: E402
+from rmbg_demo.request import RemovalOptions, rendered  # noqa: E402
 
 
 def twelve_megapixel_photo() -> Path:
@@ -69,6 +70,16 @@ def main():
     pillow1_s, png1 = timed(lambda: pillow_png(cut, compress_level=1), max(1, args.runs // 2))
     default_s, png6 = timed(lambda: pillow_png(cut), max(1, args.runs // 2))
     overhead = decode_s + pre_s + post_s + compose_s + encode_s
+    result = RemovalResult(image, mask, "u2netp")
+    framings = {  # what framing adds to the plain cut-out, same photo, same mask
+        "crop + 10% margin": RemovalOptions(crop=True, margin="10%"),
+        "canvas 2000x2000, 80%, bottom, drop shadow, white": RemovalOptions(
+            canvas="2000x2000", scale="80%", position="bottom", shadow="drop", background="white"),
+        "crop + canvas 4000x3000 + contact shadow, transparent": RemovalOptions(
+            crop=True, canvas="4000x3000", scale="85%", shadow="contact"),
+    }
+    framed = {name: timed(lambda options=options: rendered(result, options), args.runs)[0] - compose_s
+              for name, options in framings.items()}
     text = "\n".join([
         f"## {datetime.date.today()} app overhead for a 12 MP photo ({image.width}x{image.height}), CPU "
         f"({platform.machine()}, {torch.get_num_threads()} threads)",
@@ -84,6 +95,12 @@ def main():
         f"- PNG, ours (Up filter, parallel deflate, level 1): {encode_s:.3f} s, {len(png) / 2**20:.1f} MiB; "
         f"Pillow at level 1: {pillow1_s:.3f} s, {len(png1) / 2**20:.1f} MiB; Pillow's default (level 6): "
         f"{default_s:.3f} s, {len(png6) / 2**20:.1f} MiB",
+        "",
+        "Framing, added to the plain cut-out's compose (encoding the smaller or larger picture not counted):",
+        "",
+        "| framing | added s |",
+        "|---|---|",
+        *[f"| {name} | {seconds:+.3f} |" for name, seconds in framed.items()],
         "",
     ])
     report(text, append=not args.no_append)

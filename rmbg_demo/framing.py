@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, ImageFilter
 
 ALPHA_THRESHOLD = 128  # a pixel belongs to the subject's box from half opacity
@@ -33,19 +32,25 @@ class Box:
 
 
 def speck_size(size: tuple[int, int]) -> int:
-    """Blobs narrower than this many pixels do not widen the subject's box (0.5 % of the shorter side, odd)."""
-    side = max(3, round(min(size) * 0.005))
-    return side + 1 - side % 2
+    """Blobs narrower than about this many pixels do not widen the subject's box (0.5 % of the shorter side)."""
+    return max(3, round(min(size) * 0.005))
 
 
 def subject_box(alpha: Image.Image, threshold: int = ALPHA_THRESHOLD) -> Box | None:
-    """The box of the pixels at least `threshold` opaque, specks ignored (a morphological opening); None
-    when there is no subject."""
+    """The box of the pixels at least `threshold` opaque, specks ignored; None when there is no subject.
+
+    Specks go in a coarse pass: the thresholded alpha averaged over blocks of `speck_size`, where a blob
+    smaller than half a block disappears; the box is then found at full resolution inside the coarse
+    one (a block's margin around it). Linear in the pixels: ~0.05 s for 12 MP."""
     solid = alpha.point(lambda value: 255 if value >= threshold else 0)
-    kernel = speck_size(alpha.size)
-    opened = solid.filter(ImageFilter.MinFilter(kernel)).filter(ImageFilter.MaxFilter(kernel))
-    found = opened.getbbox()
-    return Box(*found) if found else None
+    block = speck_size(alpha.size)
+    coarse = solid.reduce(block).point(lambda value: 255 if value >= 128 else 0).getbbox()
+    if coarse is None:
+        return None
+    left, top = max(0, (coarse[0] - 1) * block), max(0, (coarse[1] - 1) * block)
+    right, bottom = min(alpha.width, (coarse[2] + 1) * block), min(alpha.height, (coarse[3] + 1) * block)
+    found = solid.crop((left, top, right, bottom)).getbbox()
+    return Box(found[0] + left, found[1] + top, found[2] + left, found[3] + top) if found else None
 
 
 def with_margin(box: Box, margin) -> Box:
@@ -75,8 +80,9 @@ def place(subject: Image.Image, canvas: tuple[int, int], content: Box, *, scale:
         factor = min(width * scale / content.width, height * scale / content.height)
     else:
         factor = min(width / subject.width, height / subject.height)
+    # reducing_gap: a large shrink first by whole-pixel averaging, then Lanczos (Pillow's two-step: ~3x faster)
     resized = subject.resize((max(1, round(subject.width * factor)), max(1, round(subject.height * factor))),
-                             RESAMPLE)
+                             RESAMPLE, reducing_gap=3.0)
     box_w, box_h = content.width * factor, content.height * factor
     box_left, box_top = content.left * factor, content.top * factor
     x = position[0] * (width - box_w) - box_left
@@ -114,26 +120,18 @@ def shadow_alpha(alpha: Image.Image, kind: str, *, opacity: float, blur: float, 
     return shadow.point(lambda value: round(value * opacity))
 
 
-def over(background: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """`colour` (H, W, 3) with `alpha` (H, W) in [0, 1] over `background` (H, W, 3), floats."""
-    return colour * alpha[..., None] + background * (1.0 - alpha[..., None])
-
-
 def flatten(subject: Image.Image, shadow: Image.Image | None, background: Image.Image | None) -> Image.Image:
-    """The layers, bottom up: background (RGB, or None: transparent), shadow (black), subject (RGBA).
-    Transparent: the result's alpha holds the shadow as semi-transparent black, as remove.bg's does."""
-    colour = np.asarray(subject.convert("RGB"), np.float32)
-    alpha = np.asarray(subject.getchannel("A"), np.float32) / 255
-    shade = np.asarray(shadow, np.float32) / 255 if shadow is not None else np.zeros_like(alpha)
-    if background is not None:
-        below = over(np.asarray(background, np.float32), np.zeros_like(colour), shade)
-        out = over(below, colour, alpha)
-        return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
-    total = alpha + shade * (1 - alpha)  # "over" onto nothing: the shadow shows where the subject does not
-    weight = np.divide(alpha, total, out=np.zeros_like(alpha), where=total > 0)
-    out = colour * weight[..., None]  # the shadow is black
-    rgba = np.dstack([np.clip(out + 0.5, 0, 255), np.clip(total * 255 + 0.5, 0, 255)]).astype(np.uint8)
-    return Image.fromarray(rgba, "RGBA")
+    """The layers, bottom up: background (RGB, or None: transparent), shadow (black), subject (RGBA), each
+    "over" the one below (Pillow's alpha_composite, straight alpha, in C). Transparent: the result's alpha
+    holds the shadow as semi-transparent black, as remove.bg's does."""
+    layers = subject
+    if shadow is not None:
+        base = Image.new("RGBA", subject.size, (0, 0, 0, 0))
+        base.putalpha(shadow)
+        layers = Image.alpha_composite(base, subject)
+    if background is None:
+        return layers
+    return Image.alpha_composite(background.convert("RGBA"), layers).convert("RGB")
 
 
 def backdrop(photo: Image.Image, background, size: tuple[int, int]) -> Image.Image | None:

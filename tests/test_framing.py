@@ -148,3 +148,13 @@ def test_bad_framing_settings_are_refused_before_any_image_is_read(tmp_path, fla
     with pytest.raises(OptionError):
         RemovalOptions.from_query({flag.lstrip("-").replace("-", "_"): value
                                    for flag, value in zip(flags[::2], flags[1::2])})
+
+
+def test_a_stray_speck_does_not_widen_the_subjects_box():
+    alpha = Image.new("L", (400, 300), 0)
+    alpha.paste(255, (100, 80, 260, 220))
+    alpha.paste(255, (380, 10, 382, 12))  # a 2x2 speck far away
+    assert subject_box(alpha) == subject_box(alpha.crop((0, 0, 400, 300)).point(lambda v: v)) is not None
+    box = subject_box(alpha)
+    assert (box.left, box.top, box.right, box.bottom) == (100, 80, 260, 220)
+    assert subject_box(Image.new("L", (400, 300), 0)) is None

@@ -30,6 +30,10 @@ CASES = {
                             ("image", "#ffffff", BACKDROP, True, "png", "auto")),
     "lite 512x384 transparent mask": (["--model", "birefnet-lite", "--size", "512x384", "--mask"],
                                       ("transparent", "#ffffff", None, False, "png", "512x384")),
+    "u2netp framed: crop, canvas, bottom, shadow": (
+        ["--model", "u2netp", "--background", "#f0f0f0", "--mask", "--crop", "--margin", "8%", "--canvas", "480x400",
+         "--scale", "70%", "--position", "bottom", "--shadow", "drop"],
+        ("colour", "#f0f0f0", None, False, "png", "auto", True, "8%", "480x400", "70%", "bottom", "drop", False)),
 }
 
 
@@ -80,11 +84,11 @@ def by_cli(photos, out, names, flags, *extra):
 
 
 def by_page(client, names, model, widgets):
-    choice, colour, backdrop, refine, fmt, resolution = widgets
+    choice, colour, backdrop, refine, fmt, resolution, *framing = widgets
     answers = {}
     for name in names:
         result = client.predict(handle_file(str(ASSETS / name)), model, choice, colour,
-                                handle_file(str(backdrop)) if backdrop else None, refine, fmt, resolution,
+                                handle_file(str(backdrop)) if backdrop else None, refine, fmt, resolution, *framing,
                                 api_name="/image")
         assert f"[{model}] at {resolution if resolution != 'auto' else '320x320'}" in result[4]
         answers[name] = (pixels(result[1]), pixels(result[2]))
