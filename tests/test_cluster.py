@@ -245,3 +245,28 @@ def test_review_and_cascade_route_the_same_rows_as_the_plain_cli(local_ray, tmp_
     assert records["chelsea.jpg"].model == "birefnet-lite" and records["chelsea.jpg"].escalated_from == "u2netp"
     assert records["chelsea.jpg"].review and records["chelsea.jpg"].first_confidence < 0.85
     assert records["coffee.jpg"].model == "u2netp" and records["coffee.jpg"].confidence >= 0.9
+
+
+def test_processes_a_local_ray_leaves_behind_are_waited_for_then_stopped():
+    """Ray's dashboard and runtime-env agents sometimes outlived `rmbg serve`/--ray by minutes, ignoring
+    SIGTERM: after its shutdown, every process the local instance started is waited for, then killed."""
+    from rmbg_demo.cluster.runtime import _alive, shutdown_local
+
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+                                 "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ready"  # SIGTERM is ignored from here on
+
+    class LocalRay:  # what ray.shutdown() leaves: a child that ignores it
+        @staticmethod
+        def shutdown():
+            stubborn.terminate()
+
+    try:
+        shutdown_local(LocalRay, grace=1.0)
+        stubborn.wait(timeout=10)
+        assert not _alive(stubborn.pid)
+        assert stubborn.returncode == -signal.SIGKILL
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
