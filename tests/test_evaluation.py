@@ -105,7 +105,9 @@ def test_eval_command_on_the_builtin_set(tmp_path):
     assert row[0] == "u2netp" and 0.7 < float(row[1]) <= 1 and float(row[6]) < 0.15
     with open(table) as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["image", "model", "smeasure", "maxf", "meanf", "wfm", "emeasure", "mae", "iou", "seconds"]
+    assert list(rows[0]) == ["image", "model", "smeasure", "maxf", "meanf", "wfm", "emeasure", "mae", "iou", "seconds",
+                            "confidence"]
+    assert all(0.0 <= float(row["confidence"]) <= 1.0 for row in rows)  # each image's score beside the truth
     assert len(rows) == 8 and {r["model"] for r in rows} == {"u2netp"}
     assert all(0 <= float(r["iou"]) <= 1 and float(r["seconds"]) > 0 for r in rows)
 
