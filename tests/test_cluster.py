@@ -250,8 +250,9 @@ def test_review_and_cascade_route_the_same_rows_as_the_plain_cli(local_ray, tmp_
 def test_processes_a_local_ray_leaves_behind_are_waited_for_then_stopped():
     """Ray's dashboard and runtime-env agents sometimes outlived `rmbg serve`/--ray by minutes, ignoring
     SIGTERM: after its shutdown, every process the local instance started is waited for, then killed."""
-    from rmbg_demo.cluster.runtime import _alive, shutdown_local
+    from rmbg_demo.cluster.runtime import _alive, _descendants, shutdown_local
 
+    others = _descendants(os.getpid())  # the session's servers: not Ray's, never touched
     stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
                                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
                                  "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
@@ -263,8 +264,9 @@ def test_processes_a_local_ray_leaves_behind_are_waited_for_then_stopped():
             stubborn.terminate()
 
     try:
-        shutdown_local(LocalRay, grace=1.0)
+        shutdown_local(LocalRay, grace=1.0, exclude=others)
         stubborn.wait(timeout=10)
+        assert others <= _descendants(os.getpid())  # still running
         assert not _alive(stubborn.pid)
         assert stubborn.returncode == -signal.SIGKILL
     finally:

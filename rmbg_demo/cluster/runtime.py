@@ -54,19 +54,21 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, quie
     """`ray`, connected for the block (`connect`'s rules); a local instance started here is shut down
     after it, however the block ends. For `rmbg remove --ray` and `rmbg serve` alike."""
     ray = import_ray()
+    already = _descendants(os.getpid())  # this process's own children are not Ray's
     started_here = connect(address, num_cpus=num_cpus, quiet=quiet)
     try:
         yield ray
     finally:
         if started_here:
-            shutdown_local(ray)
+            shutdown_local(ray, exclude=already)
 
 
-def shutdown_local(ray, grace: float = 10.0) -> None:
-    """`ray.shutdown()`, then waits for every process the local instance started (raylet, GCS, workers,
-    and the dashboard and runtime-env agents, which sometimes outlive it by minutes ignoring SIGTERM);
-    what is still there after `grace` seconds is killed, and the log says so."""
-    started = _descendants(os.getpid())
+def shutdown_local(ray, grace: float = 10.0, exclude: set[int] = frozenset()) -> None:
+    """`ray.shutdown()`, then waits for every process the local instance started (this process's
+    descendants but `exclude`, those it had before Ray: raylet, GCS, workers, and the dashboard and
+    runtime-env agents, which sometimes outlive it by minutes ignoring SIGTERM); what is still there after
+    `grace` seconds is killed, and the log says so."""
+    started = _descendants(os.getpid()) - set(exclude)
     ray.shutdown()
     deadline = time.monotonic() + grace
     while (alive := {pid for pid in started if _alive(pid)}) and time.monotonic() < deadline:
