@@ -107,13 +107,10 @@ class MemoryBudget:
             self.peak = max(self.peak, self.used)
 
     def release(self, cost: int) -> None:
-        if not self.limit:
-            if cost >= TRIM_ABOVE:
-                release_memory()
-            return
-        with self._free:
-            self.used -= cost
-            self._free.notify_all()
+        if self.limit:
+            with self._free:
+                self.used -= cost
+                self._free.notify_all()
         if cost >= TRIM_ABOVE:
             release_memory()
 

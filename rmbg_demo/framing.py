@@ -7,9 +7,10 @@ picture (without the shadow), so the two stay aligned.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 ALPHA_THRESHOLD = 128  # a pixel belongs to the subject's box from half opacity
 RESAMPLE = Image.Resampling.LANCZOS
@@ -111,8 +112,6 @@ def shadow_alpha(alpha: Image.Image, kind: str, *, opacity: float, blur: float, 
             width = box.width
             height = max(2, round(box.height * 0.06))
             ellipse = Image.new("L", (width, height * 2), 0)
-            from PIL import ImageDraw
-
             ImageDraw.Draw(ellipse).ellipse((0, 0, width - 1, height * 2 - 1), fill=255)
             shadow.paste(ellipse, (box.left + offset[0], box.bottom - height + offset[1]))
     if blur > 0:
@@ -150,14 +149,10 @@ def backdrop(photo: Image.Image, background, size: tuple[int, int]) -> Image.Ima
 
 def frame_result(result, options) -> tuple[Image.Image, Image.Image]:
     """The framed picture and the mask through the same geometry (the subject's alpha, no shadow)."""
-    import logging
-
     from .compose import subject_alpha
 
     photo = result.image
     alpha = subject_alpha(photo, result.mask)
-    subject = result.foreground(options.refine).convert("RGB").convert("RGBA")
-    subject.putalpha(alpha)
     found = subject_box(alpha)
     if found is None:
         logging.getLogger(__name__).warning("%s: no subject found; the full frame is kept",
@@ -165,7 +160,10 @@ def frame_result(result, options) -> tuple[Image.Image, Image.Image]:
     box = found or Box(0, 0, *photo.size)
     region = with_margin(box, options.margin) if (options.crop or options.canvas) and found else Box(0, 0, *photo.size)
     content = Box(box.left - region.left, box.top - region.top, box.right - region.left, box.bottom - region.top)
-    subject = crop(subject, region)
+    # Cut first, then build the RGBA subject: only the framed region is converted (outside the photo,
+    # black with alpha 0, as an RGBA crop gives)
+    subject = crop(result.foreground(options.refine), region).convert("RGB").convert("RGBA")
+    subject.putalpha(crop(alpha, region))
     if options.canvas is not None:
         resized, corner, factor = place(subject, tuple(options.canvas), content, scale=options.scale,
                                         position=options.position)

@@ -452,6 +452,8 @@ def encoded_outputs(result, options: RemovalOptions, kinds=("image", "mask"),
     or with `srgb` is converted to sRGB (`rmbg_demo.colour`)."""
     from .colour import profile_of, to_srgb
 
+    if pictures is None and "image" not in kinds and not options.framed:
+        pictures = (None, result.mask)  # the mask alone: no picture to compose (refine, a background...)
     picture, mask = pictures or rendered(result, options)
     out = {}
     if "image" in kinds:

@@ -74,10 +74,10 @@ def resolve_model_size(model: str | None, weights, size) -> tuple[str, NetworkSi
     """The model and network size a pass runs at, decided as the plain CLI's pipeline decides them. An ONNX
     engine is opened here to read what it says (an export's model and size, a fixed size); a PyTorch network
     is not loaded on the driver."""
-    engine = None
-    if runtime_for(get_spec(resolve_model(model, weights)), weights) == "onnxruntime":
-        engine = build_engine(resolve_model(model, weights), weights, "cpu", input_size=size)
-    chosen = resolve_model(model, weights, engine)
+    chosen, engine = resolve_model(model, weights), None  # resolved once: choose_model logs its pick
+    if runtime_for(get_spec(chosen), weights) == "onnxruntime":
+        engine = build_engine(chosen, weights, "cpu", input_size=size)
+        chosen = resolve_model(model, weights, engine)
     return chosen, network_size_for(get_spec(chosen), size, engine)
 
 

@@ -131,20 +131,20 @@ class Remover:
         cost = image_cost(width, height)
         await asyncio.to_thread(self.budget.acquire, cost)
         try:
-            image, body, timing = await self._cut_out(pipeline, model, options, data)
+            image, body, confidence, timing = await self._cut_out(pipeline, model, options, data)
         finally:
             self.budget.release(cost)
         done = time.perf_counter()
         timing["decode"] += timing.pop("admitted") - started  # the header, and any wait for the budget
         headers = {"X-Model": model, "X-Seconds": f"{done - started:.4f}",
-                   "X-Confidence": f"{timing.pop('confidence'):.4f}",
+                   "X-Confidence": f"{confidence:.4f}",
                    "X-Image-Size": f"{image.width}x{image.height}", "X-Network-Size": str(pipeline.input_size),
                    "Server-Timing": ", ".join(f"{k};dur={1000 * v:.1f}" for k, v in timing.items())}
         return Response(body, media_type=MEDIA_TYPES[options.format], headers=headers)
 
     async def _cut_out(self, pipeline, model: str, options: RemovalOptions, data: bytes):
         """Decode (on this request's own thread: a bad file fails here, alone), the network (in a shared
-        batch), then mask, compose and encode: (image, encoded answer, seconds per step)."""
+        batch), then mask, compose and encode: (image, encoded answer, confidence, seconds per step)."""
         admitted = time.perf_counter()
 
         def decode():
@@ -159,20 +159,18 @@ class Remover:
         probability = (await self._network((model, network_input)))[0]
         networked = time.perf_counter()
 
-        def finish() -> bytes:
+        def finish() -> tuple[bytes, float]:
             result = pipeline.result_of(image, probability)
-            timing["confidence"] = result.confidence
             kind = "mask" if options.mask else "image"
-            return encoded_outputs(result, options, kinds=[kind])[kind]
+            return encoded_outputs(result, options, kinds=[kind])[kind], result.confidence
 
-        timing = {}
         try:
-            body = await asyncio.to_thread(finish)
+            body, confidence = await asyncio.to_thread(finish)
         except ValueError as exc:  # a background that cannot be applied
             raise BadRequest(str(exc)) from None
-        timing.update({"admitted": admitted, "decode": decoded - admitted, "network": networked - decoded,
-                       "compose": time.perf_counter() - networked})
-        return image, body, timing
+        timing = {"admitted": admitted, "decode": decoded - admitted, "network": networked - decoded,
+                  "compose": time.perf_counter() - networked}
+        return image, body, confidence, timing
 
     async def _predict(self, request: Request) -> Response:
         """The network alone: a (B, 3, H, W) float32 .npy of normalised inputs -> (B, 1, h, w) probabilities."""
