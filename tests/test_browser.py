@@ -83,6 +83,26 @@ def test_upload_shows_the_slider_and_downloads_png_and_mask(page, tmp_path):
         shutil.copy(tmp_path / "after-removal.png", ASSETS / "screenshot.png")
 
 
+def test_framing_settings_give_a_framed_download_and_the_confidence(page):
+    """The Settings -> Framing group as a person uses it: crop, a canvas, a drop shadow; the download is the
+    canvas's size with the subject's mask through the same geometry, and the info line says how sure it is."""
+    page.locator(".label-wrap", has_text="Settings").first.click()
+    page.locator("#framing .label-wrap").first.click()
+    page.locator("#crop input").check()
+    page.locator("#margin textarea, #margin input").first.fill("6%")
+    page.locator("#canvas textarea, #canvas input").first.fill("500x400")
+    page.locator("#shadow").get_by_label("drop").check()
+    page.locator("#input-image input[type=file]").set_input_files(str(ASSETS / "coffee.jpg"))
+    page.locator("#run-image").click()
+    wait_for_slider(page, "image")
+    assert "confidence 0." in page.locator("#image-info").inner_text()
+    framed = Image.open(io.BytesIO(download(page, "#image-png")))
+    mask = Image.open(io.BytesIO(download(page, "#image-mask-file")))
+    assert framed.size == mask.size == (500, 400) and framed.mode == "RGBA"
+    shadow = np.asarray(framed)[..., 3].astype(int) - np.asarray(mask, int)
+    assert shadow.min() >= 0 and shadow.max() > 20  # the shadow is in the picture's alpha, not the mask
+
+
 def test_url_tab_against_a_local_server(page, image_server):
     page.get_by_role("tab", name="input url").click()
     page.locator("#input-url textarea").fill(image_server.url + "coffee.jpg")
