@@ -43,10 +43,11 @@ def choose_model(model: str | None = "auto", weights=None) -> str:
     return chosen
 
 
-def resolve_model(asked: str | None, weights, engine: Engine | None = None) -> str:
-    """The registered model a request runs: `asked` (or for 'auto', `choose_model`'s pick), unless the
-    engine knows better (an exported file's metadata says which model it is); `asked` must agree then."""
-    chosen = choose_model(asked, weights)
+def resolve_model(asked: str | None, weights, engine: Engine | None = None, chosen: str | None = None) -> str:
+    """The registered model a request runs: `asked` (or for 'auto', `choose_model`'s pick, `chosen` when the
+    caller has it: choosing logs), unless the engine knows better (an exported file's metadata says which
+    model it is); `asked` must agree then."""
+    chosen = chosen or choose_model(asked, weights)
     found = engine.model_name if engine is not None else None
     if found is None:
         return chosen
@@ -163,14 +164,14 @@ class RemovalPipeline:
                  batch_requests: int = 1, compile: str | None = None, engine: Engine | None = None):
         started = time.perf_counter()
         self.batch_size = max(1, int(batch_size))
+        chosen = choose_model(model, weights)
         if engine is None:
-            engine = build_engine(choose_model(model, weights), weights, device, dtype, network=network,
-                                  input_size=input_size, compile=compile,
-                                  max_batch=max(self.batch_size, batch_requests))
+            engine = build_engine(chosen, weights, device, dtype, network=network, input_size=input_size,
+                                  compile=compile, max_batch=max(self.batch_size, batch_requests))
             if batch_requests > 1:
                 engine = RequestBatcher(engine, batch_requests)
         self.engine = engine
-        self.model_name = resolve_model(model, weights, engine)
+        self.model_name = resolve_model(model, weights, engine, chosen)
         self.spec: ModelSpec = get_spec(self.model_name)
         self.input_size = network_size_for(self.spec, input_size, engine)
         self.max_pixels = max_pixels

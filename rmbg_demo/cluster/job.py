@@ -77,7 +77,7 @@ def resolve_model_size(model: str | None, weights, size) -> tuple[str, NetworkSi
     chosen, engine = resolve_model(model, weights), None  # resolved once: choose_model logs its pick
     if runtime_for(get_spec(chosen), weights) == "onnxruntime":
         engine = build_engine(chosen, weights, "cpu", input_size=size)
-        chosen = resolve_model(model, weights, engine)
+        chosen = resolve_model(model, weights, engine, chosen)
     return chosen, network_size_for(get_spec(chosen), size, engine)
 
 
