@@ -124,10 +124,11 @@ def add_framing_arguments(parser) -> None:
     group.add_argument("--margin", metavar="N|N%", help="space around the subject: pixels, or a percentage of its "
                                                        "box's width (left, right) and height (top, bottom)")
     group.add_argument("--canvas", metavar="WxH", help="place the subject on a canvas of this size")
-    group.add_argument("--scale", metavar="P%", help="on a canvas, the subject's box fills P%% of it (its limiting "
-                                                     "side; default: the subject and margins fit the canvas)")
-    group.add_argument("--position", metavar="WHERE", help="center (default), top, bottom, left, right or X%%,Y%%: "
-                                                           "where the subject's box sits on the canvas")
+    group.add_argument("--scale", metavar="P%", help="the subject's box fills P%% of the canvas (its limiting side; "
+                                                     "without --canvas, of the output frame); default: as it comes")
+    group.add_argument("--position", metavar="WHERE", help="original (default: where it is; centred on a canvas), "
+                                                           "center, top, bottom, left, right or X%%,Y%%: where the "
+                                                           "subject's box sits")
     group.add_argument("--shadow", choices=["drop", "contact", "none"], help="a soft shadow from the subject's alpha")
     group.add_argument("--shadow-opacity", metavar="0-1", help="default 0.5")
     group.add_argument("--shadow-blur", metavar="PX", help="default: 2.5%% of the subject's height")

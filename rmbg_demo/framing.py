@@ -164,10 +164,12 @@ def frame_result(result, options) -> tuple[Image.Image, Image.Image]:
     # black with alpha 0, as an RGBA crop gives)
     subject = crop(result.foreground(options.refine), region).convert("RGB").convert("RGBA")
     subject.putalpha(crop(alpha, region))
-    if options.canvas is not None:
-        resized, corner, factor = place(subject, tuple(options.canvas), content, scale=options.scale,
-                                        position=options.position)
-        subject = on_canvas(resized, tuple(options.canvas), corner)
+    # A scale or position without a canvas moves the subject within its own frame (remove.bg's meaning)
+    canvas = options.canvas or (subject.size if options.scale is not None or options.position is not None else None)
+    if canvas is not None:
+        resized, corner, factor = place(subject, tuple(canvas), content, scale=options.scale,
+                                        position=options.position or (0.5, 0.5))
+        subject = on_canvas(resized, tuple(canvas), corner)
         content = Box(*(round(v) for v in (content.left * factor + corner[0], content.top * factor + corner[1],
                                            content.right * factor + corner[0], content.bottom * factor + corner[1])))
     mask = subject.getchannel("A")

@@ -234,11 +234,14 @@ def parse_scale(text, setting: str = "scale") -> float | None:
     return value / 100
 
 
-def parse_position(text, setting: str = "position") -> tuple[float, float]:
-    """center, top, bottom, left, right, or 'X%,Y%' (where the subject's box sits, as remove.bg means it)."""
+def parse_position(text, setting: str = "position") -> tuple[float, float] | None:
+    """center, top, bottom, left, right, or 'X%,Y%' (where the subject's box sits, as remove.bg means it);
+    None ('original', the default): where it is in the photo, or centred when a canvas or scale moves it."""
     if isinstance(text, tuple):
         return text
-    name = (str(text) if text not in (None, "") else "center").strip().lower()
+    name = (str(text) if text is not None else "").strip().lower()
+    if name in ("", "original"):
+        return None
     if name in POSITIONS:
         return POSITIONS[name]
     parts = name.split(",")
@@ -246,7 +249,7 @@ def parse_position(text, setting: str = "position") -> tuple[float, float]:
         x, y = (_number(part, setting, "X%,Y%") for part in parts)
         if 0 <= x <= 100 and 0 <= y <= 100:
             return (x / 100, y / 100)
-    raise OptionError(setting, text, "choose center, top, bottom, left, right or X%,Y% (0-100 each)")
+    raise OptionError(setting, text, "choose original, center, top, bottom, left, right or X%,Y% (0-100 each)")
 
 
 def parse_shadow(text, setting: str = "shadow") -> str | None:
@@ -310,8 +313,9 @@ class RemovalOptions:
     crop: bool = False
     margin: tuple[float, bool] = (0.0, False)  # (value, is a percentage of the subject's box)
     canvas: ImageSize | None = None
-    scale: float | None = None  # the share of the canvas the subject's box fills; None: fit the framed region
-    position: tuple[float, float] = (0.5, 0.5)  # where the subject's box sits, (x, y) in [0, 1]
+    # the share of the canvas (or, without one, of the output frame) the subject's box fills; None: as it comes
+    scale: float | None = None
+    position: tuple[float, float] | None = None  # where the subject's box sits, (x, y) in [0, 1]; None: original
     shadow: str | None = None  # drop | contact
     shadow_opacity: float = 0.5
     shadow_blur: float | None = None  # pixels on the output; None: 2.5 % of the subject's height
@@ -340,7 +344,8 @@ class RemovalOptions:
     @property
     def framed(self) -> bool:
         """Any framing asked for (else the picture is the photo's frame, as the cut-out always was)."""
-        return self.crop or self.canvas is not None or self.shadow is not None
+        return (self.crop or self.canvas is not None or self.shadow is not None or self.scale is not None
+                or self.position is not None)
 
     def replace(self, **changes) -> RemovalOptions:
         return replace(self, **changes)
@@ -393,7 +398,7 @@ class RemovalOptions:
             text["canvas"] = f"{self.canvas.width}x{self.canvas.height}"
         if self.scale is not None:
             text["scale"] = f"{self.scale * 100:g}%"
-        if self.position != (0.5, 0.5):
+        if self.position is not None:
             text["position"] = f"{self.position[0] * 100:g}%,{self.position[1] * 100:g}%"
         if self.shadow is not None:
             text["shadow"] = self.shadow
@@ -409,7 +414,7 @@ class RemovalOptions:
     @classmethod
     def from_widgets(cls, model=None, background: str = "transparent", colour: str | None = "#ffffff",
                      background_image: str | None = None, refine=False, fmt: str = "png",
-                     resolution: str = "auto", crop=False, margin="", canvas="", scale="", position="center",
+                     resolution: str = "auto", crop=False, margin="", canvas="", scale="", position="original",
                      shadow="none", srgb=False) -> RemovalOptions:
         """The page's settings: the background is a choice (transparent, colour, blur, image) plus the
         colour picker and the uploaded background image."""

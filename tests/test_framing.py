@@ -50,6 +50,25 @@ def test_on_a_canvas_the_subject_has_the_asked_scale_and_position(result, positi
     assert box.top == pytest.approx(where[1] * free_y, abs=0.02 * canvas[1])
 
 
+def test_scale_and_position_without_a_canvas_move_the_subject_within_its_own_frame(result, true_box):
+    """remove.bg's meaning: with no canvas, the output frame (the photo, or the crop) is the canvas. Before,
+    --scale and --position without --canvas were silently ignored."""
+    photo = result.image.size
+    picture, mask = rendered(result, RemovalOptions(scale="50%"))
+    box = alpha_box(picture)
+    assert picture.size == photo == mask.size
+    assert max(box.width / photo[0], box.height / photo[1]) == pytest.approx(0.5, abs=0.02)
+    assert box.left == pytest.approx((photo[0] - box.width) / 2, abs=3)  # scaling centres it
+    picture, _ = rendered(result, RemovalOptions(position="bottom"))
+    box = alpha_box(picture)
+    assert (box.width, box.height) == pytest.approx((true_box.width, true_box.height), abs=3)  # size kept
+    assert box.bottom == pytest.approx(photo[1], abs=2)
+    picture, _ = rendered(result, RemovalOptions(crop=True, margin="20", scale="50%"))
+    assert max(alpha_box(picture).width / picture.width, alpha_box(picture).height / picture.height) == \
+        pytest.approx(0.5, abs=0.02)
+    assert RemovalOptions(position="original") == RemovalOptions()  # the default: the subject stays put
+
+
 def test_resampling_onto_a_canvas_leaves_no_dark_fringe():
     """A flat red subject with a soft edge, scaled onto a white canvas: every edge pixel lies between the
     subject's colour and white (straight colours resampled through premultiplied alpha: nothing darker)."""
