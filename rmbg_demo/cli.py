@@ -150,22 +150,30 @@ def add_ray_arguments(parser) -> None:
 
 
 def add_serve_parser(subparsers):
-    serve = subparsers.add_parser("serve", help="an HTTP service on Ray Serve (POST /remove)",
-                                  description="Runs until Ctrl-C. Needs: pip install 'rmbg-demo[ray]'")
+    serve = subparsers.add_parser(
+        "serve", help="an HTTP API (POST /remove, remove.bg's POST /v1.0/removebg; OpenAPI at /docs)",
+        description="Runs until Ctrl-C: here, with uvicorn (no Ray needed), or with --ray on Ray Serve "
+                    "(pip install 'rmbg-demo[ray]').")
     serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                       help="the Ray cluster (default: RAY_ADDRESS, else a local Ray started here)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+                       help="deploy on Ray Serve: the cluster at ADDRESS (default: RAY_ADDRESS, else a local Ray)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface: "
+                                                           "add an API key)")
     serve.add_argument("--port", type=int, default=8000)
     add_model_arguments(serve)  # --model, --weights (a path every node sees), --device, --dtype
-    serve.add_argument("--replicas", default="1", metavar="N|auto",
-                       help="replicas of the model; auto: 1 to one per GPU (or 4), by requests in flight")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="a key clients must send (X-Api-Key: KEY or Authorization: Bearer KEY); repeatable")
+    serve.add_argument("--api-keys", metavar="FILE", help="keys, one per line (also: RMBG_API_KEYS=KEY1,KEY2)")
+    serve.add_argument("--rate-limit", metavar="N/min", help="requests a minute per key (per address without keys); "
+                                                             "more get 429 with Retry-After")
+    serve.add_argument("--replicas", default=None, metavar="N|auto",
+                       help="with --ray: replicas of the model; auto: 1 to one per GPU (or 4), by requests in flight")
     serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests that share a network batch")
     serve.add_argument("--max-queued", type=int, default=64, metavar="N",
-                       help="requests waiting per deployment beyond those being served; more get 503")
+                       help="requests waiting beyond those being served; more get 503")
     serve.add_argument("--max-upload-mb", type=float, default=25.0, help="bigger bodies get 413")
     add_memory_argument(serve)
     serve.add_argument("--allow-private-urls", action="store_true",
-                       help="let {\"url\": ...} bodies reach private and loopback addresses")
+                       help="let URL fields (JSON url, image_url, bg_image_url) reach private and loopback addresses")
     return serve
 
 
@@ -426,14 +434,32 @@ def run_export(args) -> int:
 
 
 def run_serve(args) -> int:
-    from .cluster.serve import ServeSettings, run_serve
+    from .service.access import load_api_keys, open_host_warning, parse_rate_limit
+    from .service.settings import ServeSettings
 
-    service = ServeSettings(model=args.model, weights=str(args.weights) if args.weights else None,
-                             device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+    try:
+        keys = load_api_keys(args.api_key, args.api_keys)
+        rate_limit = parse_rate_limit(args.rate_limit)
+        if args.replicas is not None and args.ray is None:
+            raise ValueError("--replicas needs --ray (the plain server is one process; batching shares its model)")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings = ServeSettings(model=args.model, weights=str(args.weights) if args.weights else None,
+                             device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_queued=args.max_queued,
                              max_bytes=int(args.max_upload_mb * 1024 * 1024),
-                             allow_private_urls=args.allow_private_urls, max_memory=args.max_memory)
-    return run_serve(service, address=args.ray, host=args.host, port=args.port, replicas=args.replicas,
-                     max_queued=args.max_queued)
+                             allow_private_urls=args.allow_private_urls, max_memory=args.max_memory, api_keys=keys,
+                             rate_limit=rate_limit)
+    warning = None if keys else open_host_warning(args.host)
+    if warning:
+        print(f"\n{warning}\n", file=sys.stderr)
+    if args.ray is None:
+        from .service.plain import serve_here
+
+        return serve_here(settings, host=args.host, port=args.port)
+    from .cluster.serve import run_serve
+
+    return run_serve(settings, address=args.ray, host=args.host, port=args.port, replicas=args.replicas or "1")
 
 
 COMMANDS = {"remove": run_remove, "models": run_models, "eval": run_eval, "make-benchmark": run_make_benchmark,

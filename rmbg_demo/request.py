@@ -5,7 +5,7 @@ one parser; the constructors (`from_args`, `from_query`, `from_widgets`) only ma
 names onto them. `render` turns a result into the picture the options ask for.
 
 Adding a request setting: a field of `RemovalOptions`, its parser below, then one flag (cli.py),
-one widget (ui.py) and one query name (`from_query`, the service's contract).
+one widget (ui.py) and one query name (`QUERY_FIELDS` and `from_query`, the service's contract).
 """
 from __future__ import annotations
 
@@ -297,6 +297,27 @@ FRAMING_FIELDS = ("crop", "margin", "canvas", "scale", "position", "shadow", "sh
                   "shadow_offset", "srgb")
 
 
+# The HTTP service's query names (`from_query`) and what each means: the OpenAPI document is built from this.
+QUERY_FIELDS = {
+    "model": "auto (the server's default) or a registered model: GET /models lists those with weights here",
+    "size": "the network's input resolution, N or WxH (multiples of 32, 256-2048); default: the model's own",
+    "background": "transparent (default), a colour (#00ff00, 'green', '0,255,0') or blur",
+    "refine": "1: re-estimate colours at soft edges (no halo of the old background)",
+    "format": "png (default) or webp (lossless)",
+    "mask": "1: answer the 8-bit mask instead of the cut-out",
+    "crop": "1: crop to the subject's box",
+    "margin": "space around the subject when cropping or on a canvas: pixels, or N% of its box",
+    "canvas": "WxH: place the subject on a canvas of this size",
+    "scale": "P%: the subject's box fills P% of the canvas (or of the output frame)",
+    "position": "original, center, top, bottom, left, right or X%,Y%: where the subject's box sits",
+    "shadow": "drop or contact: a soft shadow from the subject's alpha",
+    "shadow_opacity": "0-1 (default 0.5)",
+    "shadow_blur": "pixels (default 2.5% of the subject's height)",
+    "shadow_offset": "X,Y pixels (default: drop 2%, 3% of the subject's box)",
+    "srgb": "1: convert to sRGB (else the photo's colour profile is kept)",
+}
+
+
 # -- the request ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RemovalOptions:
@@ -364,8 +385,13 @@ class RemovalOptions:
 
     @classmethod
     def from_query(cls, query: Mapping[str, str], background_image: bytes | None = None) -> RemovalOptions:
-        """The HTTP service's query (or form) fields: model, size, background, refine, format, mask; an
-        uploaded `background_image` replaces the background. Local files are never read from a query."""
+        """The HTTP service's query (or form) fields, `QUERY_FIELDS`; an uploaded `background_image` replaces
+        the background. Local files are never read from a query. An unknown name is an error (a typo is
+        never silently ignored)."""
+        unknown = sorted(set(query) - set(QUERY_FIELDS))
+        if unknown:
+            raise OptionError(unknown[0], query[unknown[0]], f"no such setting; the settings are "
+                                                               f"{', '.join(QUERY_FIELDS)}")
         background = background_image if background_image else \
             parse_background(query.get("background"), files=False)
         return cls(model=query.get("model") or "auto", size=query.get("size"), background=background,
