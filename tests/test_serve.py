@@ -20,7 +20,7 @@ from rmbg_demo.service.settings import ServeSettings
 
 MAX_BYTES = 300_000
 MAX_BATCH = 4
-MAX_QUEUED = 16  # waiting beyond the 2 * MAX_BATCH being served: room for the 8 clients, not for 48
+MAX_QUEUED = 4  # waiting beyond the 2 * MAX_BATCH being served: room for the 8 clients, not for 48
 MAX_MEMORY = 64 * 2**20  # the image memory budget: a 2000x2000 picture needs ~128 MB
 SETTINGS = ServeSettings(model="u2netp", max_batch=MAX_BATCH, max_queued=MAX_QUEUED, max_bytes=MAX_BYTES,
                          allow_private_urls=True, max_memory=MAX_MEMORY)
@@ -165,7 +165,7 @@ def clients_get_their_own_images(service, headers=None) -> list[str]:
 
     def client(index: int) -> list[str]:
         problems = []
-        for request in range(3):
+        for request in range(2):
             colour = ((37 * index + 11 * request) % 256, (91 * request + 50) % 256, (23 * index + 160) % 256)
             size = (32 + 4 * index, 24 + 2 * request)
             photo = patch_photo(colour, size, offset=(index % 3, request % 2))
@@ -189,7 +189,7 @@ def test_a_full_queue_answers_503_and_the_rest_are_served(service):
 
 
 def full_queue_statuses(service, headers=None) -> str:
-    """48 requests at once against 8 served and 16 queued: some are refused with 503, none lost or broken;
+    """48 requests at once against 8 served and 4 queued: some are refused with 503, none lost or broken;
     "ok", or what went wrong."""
     gate = threading.Barrier(48)
 

@@ -24,7 +24,7 @@ KEY_VARIABLE = "RMBG_API_KEYS"
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 # A caller's X-Request-Id is kept when it is this tame (it goes into logs and headers); else a new one.
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}$")
-_RATE_UNITS = {"s": 1 / 60, "sec": 1 / 60, "min": 1, "m": 1, "h": 60, "hour": 60}
+_RATE_UNITS = {"s": 60, "sec": 60, "min": 1, "m": 1, "h": 1 / 60, "hour": 1 / 60}  # to per minute
 
 
 # -- API keys -------------------------------------------------------------------------------------------------

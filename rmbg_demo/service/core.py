@@ -167,12 +167,17 @@ class Service:
         if declared and declared.isdigit() and int(declared) > limit:
             raise ServiceError(f"the request is {int(declared)} bytes, over the {limit} byte limit", 413,
                                "file_too_large")
+        from starlette.requests import ClientDisconnect
+
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ServiceError(f"the request is over the {limit} byte limit", 413, "file_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ServiceError(f"the request is over the {limit} byte limit", 413, "file_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # the caller went away mid-body: nobody to answer, nothing to log as a failure
+            raise ServiceError("the body ended before its declared length (the client disconnected)") from None
         return b"".join(chunks)
 
     async def fetch(self, url: str, what: str = "url") -> bytes:

@@ -70,9 +70,16 @@ def serve_here(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 
         print(f"error: {exc}", file=sys.stderr)
         return 2
     url = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
-    print(f"serving {app.state.service.default_model} on {url}: POST {url}/remove, POST {url}/v1.0/removebg, "
-          f"GET {url}/docs (Ctrl-C stops)", file=sys.stderr)
     server = uvicorn.Server(_config(app, host, port))
+
+    def announce():  # once the port is bound, so that "serving" means it answers
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            print(f"serving {app.state.service.default_model} on {url}: POST {url}/remove, POST {url}/v1.0/removebg,"
+                  f" GET {url}/docs (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
     server.run()
     return 0 if server.started else 2
 
