@@ -110,6 +110,11 @@ def test_bad_framing_settings_fail_before_a_clip_is_read(phone_clip, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_frames_without_a_subject_do_not_shrink_the_clips_box():
+    assert union([None, Box(10, 20, 40, 50), None, Box(30, 5, 60, 45), None]) == Box(10, 5, 60, 50)
+    assert union([None, None]) is None
+
+
 def test_a_clips_crop_is_rounded_outward_to_even_sides():
     options = RemovalOptions(crop=True, margin="2")
     region, content = clip_geometry(Box(10, 20, 41, 49), (160, 120), options)  # 31x29, 35x33 with the margin
