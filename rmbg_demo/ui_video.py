@@ -24,7 +24,7 @@ class VideoHandler:
 
     def __call__(self, path, model=None, background="transparent", colour="#ffffff", background_image=None,
                  refine=False, resolution="auto", smooth=True, video_format="webm", crop=False, margin="", canvas="",
-                 scale="", position="center", shadow="none", progress=gr.Progress()):
+                 scale="", position="original", shadow="none", progress=gr.Progress()):
         from .video import VideoError, remove_video
 
         if not path:
