@@ -210,10 +210,11 @@ def outputs_for(run: BatchRun):
     one that looks like a clip but cannot be used says why (truncated, audio only, too large: VideoError, a
     ValueError: that input fails alone). Files with an image extension go to the image decoder."""
     from .outputs import image_outputs
-    from .video import classify_media, output_paths
+    from .video import check_video_framing, classify_media, output_paths
 
     def outputs(source: str, out: str, options: RemovalOptions) -> tuple[dict[str, str], bool]:
         if classify_media(source, max_pixels=run.max_pixels) == "video":
+            check_video_framing(options, run.video_format, options.background.value, options.mask)
             paths = output_paths(source, out, fmt=run.video_format, background=options.background.value,
                                  mask=options.mask)
             return {kind: str(path) for kind, path in paths.items()}, True
@@ -314,7 +315,7 @@ def process_video_job(pipeline, job: Job, run: BatchRun, options: RemovalOptions
             result = remove_video(pipeline, job.source, run.output, fmt=run.video_format,
                                   background=options.background.value, mask=options.mask, smooth=run.smooth,
                                   refine=options.refine, overwrite=run.overwrite,
-                                  max_seconds=run.max_video_seconds, progress=progress)
+                                  max_seconds=run.max_video_seconds, progress=progress, framing=options)
         tally.written += 1
         record(manifest, ManifestRecord(job.source, list(job.outputs.values()), pipeline.model_name,
                                         result.info.width, result.info.height, time.perf_counter() - started))
