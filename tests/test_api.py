@@ -195,3 +195,26 @@ def test_hostile_requests_get_the_right_status_and_memory_stays_flat(keyed, imag
     assert grown < 30, f"memory grew by {grown:.0f} MB over 1,000 hostile requests"
     good = requests.post(f"{keyed.url}/remove", data=PHOTO, headers=key, timeout=60)
     assert good.status_code == 200
+
+
+def test_a_removal_holds_no_picture_once_its_answer_is_made():
+    """The memory budget trims the heap when a request releases it; the decoded photo (and the result around
+    it) must be gone by then, or a large request's memory stays with the process (it did: the answer object
+    kept the result)."""
+    import asyncio
+    import gc
+    import weakref
+
+    from rmbg_demo.service.core import Service
+
+    service = Service(ServeSettings(model="u2netp"))
+    seen = []
+
+    def prepare(image):
+        seen.append(weakref.ref(image))
+        return image
+
+    removal = asyncio.run(service.remove(PHOTO, "u2netp", None, lambda result: b"answer", prepare=prepare))
+    gc.collect()
+    assert removal.answer == b"answer" and removal.image_size == (600, 400)
+    assert seen and seen[0]() is None

@@ -155,12 +155,12 @@ async def _remove(service: Service, request: Request, query: dict) -> Response:
         return encoded_outputs(result, options, kinds=[kind])[kind]
 
     removal = await service.remove(data, model, options.size, finish)
-    image, pipeline = removal.result.image, removal.pipeline
-    request.state.access.update(size=f"{image.width}x{image.height}")
+    width, height = removal.image_size
+    request.state.access.update(size=f"{width}x{height}")
     timing = removal.timing
     seconds = sum(timing.values())
-    headers = {"X-Model": model, "X-Seconds": f"{seconds:.4f}", "X-Confidence": f"{removal.result.confidence:.4f}",
-               "X-Image-Size": f"{image.width}x{image.height}", "X-Network-Size": str(pipeline.input_size),
+    headers = {"X-Model": model, "X-Seconds": f"{seconds:.4f}", "X-Confidence": f"{removal.confidence:.4f}",
+               "X-Image-Size": f"{width}x{height}", "X-Network-Size": str(removal.network_size),
                "Server-Timing": ", ".join(f"{k};dur={1000 * v:.1f}" for k, v in timing.items())}
     return Response(removal.answer, media_type=MEDIA_TYPES[options.format], headers=headers)
 

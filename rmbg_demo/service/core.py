@@ -35,11 +35,13 @@ class ServiceError(Exception):
 
 @dataclass
 class Removal:
-    """One request's result and where its time went (seconds per step)."""
+    """What one request's answer needs: `finish`'s answer (encoded bytes...), not the decoded pictures, which
+    are freed before the memory budget is released (so that memory can go back to the system)."""
 
-    result: RemovalResult
-    pipeline: RemovalPipeline
-    answer: object = None  # what the caller's `finish` made of the result (encoded bytes...)
+    answer: object
+    image_size: tuple[int, int]  # the decoded photo's (W, H), after any `prepare`
+    confidence: float
+    network_size: object
     timing: dict = field(default_factory=dict)
 
 
@@ -132,13 +134,15 @@ class Service:
             self.budget.release(cost)
 
     async def _removal(self, pipeline, model, data, finish, prepare, adjust, started) -> Removal:
+        held: dict = {}  # the decoded picture, dropped before the budget is released (the closures do not keep it)
+
         def decode():
             image = pipeline.load(data)
-            image = prepare(image) if prepare else image
-            return image, pipeline.preprocess(image)
+            held["image"] = prepare(image) if prepare else image
+            return pipeline.preprocess(held["image"])
 
         try:
-            image, network_input = await self.run(decode)
+            network_input = await self.run(decode)
         except (ImageDecodeError, OSError) as exc:  # the decode boundary's words; OSError: a read the OS refused
             raise ServiceError(str(exc), 400, "unknown_format") from None
         decoded = time.perf_counter()
@@ -146,18 +150,20 @@ class Service:
         networked = time.perf_counter()
 
         def finished():
-            result = pipeline.result_of(image, probability)
+            result = pipeline.result_of(held.pop("image"), probability)
             if adjust:
                 adjust(result)
-            return result, finish(result)
+            return finish(result), result.confidence, result.image.size
 
         try:
-            result, answer = await self.run(finished)
+            answer, confidence, size = await self.run(finished)
         except ValueError as exc:  # a background that cannot be applied
             raise ServiceError(str(exc)) from None
+        finally:
+            held.clear()
         timing = {"decode": decoded - started, "network": networked - decoded,
                   "compose": time.perf_counter() - networked}
-        return Removal(result, pipeline, answer, timing)
+        return Removal(answer, size, confidence, pipeline.input_size, timing)
 
     # -- bodies ---------------------------------------------------------------------------------------------
     async def read(self, request, limit: int | None = None) -> bytes:

@@ -119,7 +119,7 @@ async def _removebg(service: Service, request: Request) -> Response:
     body, fmt, (width, height), box = removal.answer
     request.state.access.update(size=f"{width}x{height}")
     headers = {"X-Width": str(width), "X-Height": str(height), "X-Credits-Charged": "0", "X-Model": model,
-               "X-Confidence": f"{removal.result.confidence:.4f}", "X-Foreground-Top": str(box[1]),
+               "X-Confidence": f"{removal.confidence:.4f}", "X-Foreground-Top": str(box[1]),
                "X-Foreground-Left": str(box[0]), "X-Foreground-Width": str(box[2]),
                "X-Foreground-Height": str(box[3])}
     if ask.type_level != "none":
