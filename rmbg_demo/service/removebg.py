@@ -311,8 +311,10 @@ def _answer(result, ask: Ask) -> tuple[bytes, str, tuple[int, int], tuple[int, i
         alpha = picture.getchannel("A") if picture.mode == "RGBA" else mask
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-            archive.writestr("color.jpg", encode_image(picture.convert("RGB"), "jpg", icc_profile=icc))
-            archive.writestr("alpha.png", encode_image(alpha, "png"))
+            # a fixed date, not the clock's: the same request gives the same bytes
+            archive.writestr(zipfile.ZipInfo("color.jpg", (1980, 1, 1, 0, 0, 0)),
+                             encode_image(picture.convert("RGB"), "jpg", icc_profile=icc))
+            archive.writestr(zipfile.ZipInfo("alpha.png", (1980, 1, 1, 0, 0, 0)), encode_image(alpha, "png"))
         body = buffer.getvalue()
     else:
         if fmt == "jpg" and picture.mode == "RGBA":  # no transparency in a JPEG: white behind the subject
