@@ -263,7 +263,8 @@ def open_pipeline(model: str, weights, run: BatchRun, size):
 
     try:
         pipeline = RemovalPipeline(model, weights, run.device, run.dtype, batch_size=run.batch_size,
-                                   max_pixels=run.max_pixels, compile=run.compile, input_size=size)
+                                   max_pixels=run.max_pixels, compile=run.compile, input_size=size,
+                                   runtime=run.runtime)
     except (WeightsError, ValueError, RuntimeError) as exc:  # RuntimeError: a device torch cannot use
         print(f"error: {exc}", file=sys.stderr)
         return None
@@ -374,7 +375,7 @@ def run_eval(args) -> int:
     from .evaluation import evaluate, markdown_table, write_csv
 
     report = evaluate(args.images_dir, args.masks_dir, args.model, device=args.device, dtype=args.dtype,
-                      weights=args.weights, input_size=args.size,
+                      runtime=args.runtime, weights=args.weights, input_size=args.size,
                       progress=lambda items, **kw: tqdm(items, file=sys.stderr, **kw))
     for path in report.unmatched_images:
         print(f"unmatched image (no mask with its name): {path}", file=sys.stderr)
@@ -400,7 +401,8 @@ def run_make_benchmark(args) -> int:
 def run_compare(args) -> int:
     from .evaluation import compare_collage
 
-    collage = compare_collage(args.images, args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+    collage = compare_collage(args.images, args.model, device=args.device, dtype=args.dtype, weights=args.weights,
+                              runtime=args.runtime)
     write_atomic(encode_image(collage, "png"), args.output, overwrite=True)
     print(f"collage written to {args.output}", file=sys.stderr)
     return 0
