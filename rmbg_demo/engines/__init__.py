@@ -133,8 +133,9 @@ def build_engine(model: str | ModelSpec, weights: str | os.PathLike | None = Non
     `rmbg serve` that runs the network (`RemoteEngine`). `runtime`: torch, onnxruntime, openvino or auto
     (`runtime_for`); a `network` runs on torch unless openvino is asked."""
     spec = model if isinstance(model, ModelSpec) else get_spec(model)
-    if network is not None and runtime != "openvino":
-        runtime = "torch"
+    if (network is not None or compile) and runtime in (None, "auto") and spec.runtime is Runtime.TORCH \
+            and not is_exported_file(weights):
+        runtime = "torch"  # a network built here, or torch.compile asked: PyTorch unless OpenVINO is named
     runtime = runtime_for(spec, weights, backend, runtime, device, dtype)
     return ENGINE_BUILDERS[runtime](spec, weights, device, dtype, network=network, input_size=input_size,
                                     compile=compile, max_batch=max_batch, backend=backend)
