@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .engines import DTYPE_CHOICES, RUNTIME_CHOICES
-from .engines.ov import PRECISION_ERRORS as OPENVINO_ERRORS
+from .engines.ov import MEASURED_ERRORS as OPENVINO_ERRORS
 from .models import model_names
 from .request import parse_network_size
 
@@ -29,8 +29,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool = F
                         help="what runs the network. auto: the fastest keeping masks within 2/255 of float32 "
                              "(OpenVINO f32 on CPUs without native bf16 when installed, else PyTorch; ONNX Runtime "
                              "for ONNX graphs). openvino (CPU; pip install 'rmbg-demo[openvino]'): --dtype float32 "
-                             "is exact, bfloat16 " + OPENVINO_ERRORS["bf16"] + ", int8 (NNCF) "
-                             + OPENVINO_ERRORS["int8"] + " (bench/RESULTS.md)")
+                             "is exact; bfloat16 and int8 (NNCF) move masks, measured vs float32: "
+                             + "; ".join(f"{model} {precision} up to {error}/255" for (model, precision), error
+                                         in OPENVINO_ERRORS.items()) + " (bench/RESULTS.md)")
 
 
 def size_argument(text: str):

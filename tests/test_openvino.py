@@ -117,6 +117,8 @@ def test_runtimes_that_cannot_run_a_model_say_what_can():
         build_engine("u2netp", device="cuda", runtime="openvino")
     with pytest.raises(ValueError, match="float16 does not run on OpenVINO"):
         build_engine("u2netp", dtype="float16", runtime="openvino")
+    with pytest.raises(ValueError, match="int8 ruins u2netp's masks .* use --dtype float32"):
+        build_engine("u2netp", dtype="int8", runtime="openvino")
 
 
 def rmbg(*args, python_prefix=""):

@@ -10,7 +10,7 @@ compiled models, so that it does not compile again either.
 Precisions: "f32" is exact (INFERENCE_PRECISION_HINT set to f32: on CPUs with bf16 OpenVINO would
 otherwise choose bf16 by itself), "bf16" only on CPUs that run it natively, "int8" the network
 quantized by NNCF post-training quantization calibrated on the built-in benchmark images. Their
-measured mask errors are in `PRECISION_ERRORS`.
+measured mask errors are in `MEASURED_ERRORS`.
 """
 from __future__ import annotations
 
@@ -35,9 +35,15 @@ CACHE_VARIABLE = "RMBG_OPENVINO_CACHE"
 PRECISIONS = ("f32", "bf16", "int8")
 # --dtype -> OpenVINO precision ("auto": f32, the one precision that keeps every model within 2/255).
 DTYPE_PRECISIONS = {"auto": "f32", "float32": "f32", "bfloat16": "bf16", "int8": "int8"}
-# Largest 8-bit mask difference vs float32 measured on the built-in benchmark set (bench/RESULTS.md), shown
-# in the model line and --help: bf16 and int8 are explicit choices, never `auto`'s.
-PRECISION_ERRORS = {"f32": "exact", "bf16": "up to 11/255 vs float32", "int8": "up to 25/255 vs float32"}
+# Largest 8-bit mask difference vs float32, in 1/255 steps, measured on the built-in benchmark photos (u2netp,
+# `python bench/video.py --only runtimes` and engine runs) or the bench photos (RMBG-2.0, `python
+# bench/runtimes.py`); see bench/RESULTS.md. Shown in the model line, --help and the README: bf16 and int8
+# are explicit choices, never `auto`'s. f32 is exact for every model.
+MEASURED_ERRORS = {("rmbg-2.0", "bf16"): 11, ("rmbg-2.0", "int8"): 25, ("u2netp", "bf16"): 222, ("u2netp", "int8"): 255}
+# Choices refused with the measurement: the masks are not the model's any more.
+UNUSABLE = {("u2netp", "int8"): "int8 ruins u2netp's masks (worst built-in benchmark photo: IoU 0.00 with float32's)"}
+# Swin-backboned networks, which NNCF quantizes as transformers (the others are plain CNNs).
+TRANSFORMERS = ("rmbg-2.0", "birefnet-general", "birefnet-lite")
 INSTALL_HINT = "pip install 'rmbg-demo[openvino]' (or pip install openvino)"
 
 
@@ -76,9 +82,21 @@ def cpu_runs_bf16() -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def check_precision(precision: str) -> str:
+def precision_label(model: str | None, precision: str) -> str:
+    """What a precision costs in mask error, as measured."""
+    if precision == "f32":
+        return "f32, exact"
+    error = MEASURED_ERRORS.get((model, precision))
+    measured = f"masks up to {error}/255 from float32, measured" if error is not None else \
+        "mask error vs float32 not measured for this model"
+    return f"{precision}, {measured}"
+
+
+def check_precision(precision: str, model: str | None = None) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"OpenVINO precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if (model, precision) in UNUSABLE:
+        raise ValueError(f"{UNUSABLE[model, precision]}: use --dtype float32 (exact)")
     if precision == "bf16" and not cpu_runs_bf16():
         raise ValueError("bfloat16 on OpenVINO needs a CPU with native bf16 (AVX512-BF16 or AMX); this one has "
                          "neither: use --dtype float32 (exact) or int8")
@@ -100,7 +118,7 @@ class OpenVinoEngine:
                  input_size: tuple[int, int] | None = None, fixed_size: tuple[int, int] | None = None,
                  what: str = "", warm_size: tuple[int, int] | None = None):
         self.ov = import_openvino()
-        self.precision = check_precision(precision)
+        self.precision = check_precision(precision, model_name)
         self.source, self.activation = source, Activation(activation)
         self.model_name, self.input_size, self.fixed_size = model_name, input_size, fixed_size
         self.what = what
@@ -149,7 +167,7 @@ class OpenVinoEngine:
         return activate(raw, self.activation)
 
     def describe(self) -> str:
-        precision = f"{self.precision}, {PRECISION_ERRORS[self.precision]}"
+        precision = precision_label(self.model_name, self.precision)
         return f"{self.what} on cpu, openvino {self.ov.__version__.split('-')[0]} ({precision})"
 
 
@@ -314,7 +332,8 @@ def quantized(model, spec, size: tuple[int, int], key: str) -> str:
     if not hasattr(model, "inputs"):
         model = import_openvino().Core().read_model(model)
     data = calibration_inputs(spec, size)
-    result = nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), model_type=nncf.ModelType.TRANSFORMER)
+    kind = nncf.ModelType.TRANSFORMER if spec.name in TRANSFORMERS else None
+    result = nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), model_type=kind)
     save_ir(result, path)
     log.info("quantized to int8 on %d images in %.0f s: %s", len(data), time.perf_counter() - started, path)
     return str(path)
