@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .engines import DTYPE_CHOICES, RUNTIME_CHOICES
-from .engines.ov import MEASURED_ERRORS as OPENVINO_ERRORS
+from .engines import DTYPE_CHOICES, OPENVINO_MEASURED_ERRORS, RUNTIME_CHOICES
 from .models import model_names
 from .request import parse_network_size
 
@@ -31,7 +30,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool = F
                              "for ONNX graphs). openvino (CPU; pip install 'rmbg-demo[openvino]'): --dtype float32 "
                              "is exact; bfloat16 and int8 (NNCF) move masks, measured vs float32: "
                              + "; ".join(f"{model} {precision} up to {error}/255" for (model, precision), error
-                                         in OPENVINO_ERRORS.items()) + " (bench/RESULTS.md)")
+                                         in OPENVINO_MEASURED_ERRORS.items()) + " (bench/RESULTS.md)")
 
 
 def size_argument(text: str):

@@ -10,15 +10,16 @@ from collections.abc import Callable
 from ..models import ModelSpec, Runtime, get_spec
 from .base import Engine
 from .ort import OnnxEngine, OnnxModelError
+from .ov import MEASURED_ERRORS as OPENVINO_MEASURED_ERRORS
 from .ov import OpenVinoUnavailable, openvino_available
 from .pytorch import DTYPE_CHOICES, TorchEngine, configure_torch, cpu_has_fast_bfloat16, pick_device, pick_dtype
 from .remote import RemoteEngine
 from .wrappers import RequestBatcher, ZeroGpuEngine, zerogpu_decorator
 
-__all__ = ["DTYPE_CHOICES", "ENGINE_BUILDERS", "Engine", "OnnxEngine", "OnnxModelError", "OpenVinoUnavailable",
-           "RUNTIME_CHOICES", "RemoteEngine", "RequestBatcher", "TorchEngine", "ZeroGpuEngine", "auto_runtime",
-           "build_engine", "configure_torch", "is_exported_file", "pick_device", "pick_dtype", "runtime_for",
-           "zerogpu_decorator"]
+__all__ = ["DTYPE_CHOICES", "ENGINE_BUILDERS", "Engine", "OPENVINO_MEASURED_ERRORS", "OnnxEngine", "OnnxModelError",
+           "OpenVinoUnavailable", "RUNTIME_CHOICES", "RemoteEngine", "RequestBatcher", "TorchEngine", "ZeroGpuEngine",
+           "auto_runtime", "build_engine", "configure_torch", "is_exported_file", "pick_device", "pick_dtype",
+           "runtime_for", "zerogpu_decorator"]
 
 RUNTIME_CHOICES = ("torch", "onnxruntime", "openvino")
 
