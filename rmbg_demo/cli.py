@@ -429,6 +429,10 @@ def run_export(args) -> int:
 def run_serve(args) -> int:
     from .cluster.serve import ServeSettings, run_serve
 
+    if args.runtime != "auto":  # ServeSettings has no runtime field yet: say so rather than ignore the flag
+        print("error: rmbg serve runs --runtime auto for now (the service does not pass a runtime to its pool "
+              "yet)", file=sys.stderr)
+        return 2
     service = ServeSettings(model=args.model, weights=str(args.weights) if args.weights else None,
                              device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                              max_bytes=int(args.max_upload_mb * 1024 * 1024),

@@ -68,6 +68,24 @@ def test_every_model_on_openvino_f32_matches_float32(name, fixture_networks):
     assert mask_difference(got, expected) <= 1  # float32 sums in another order: a rounding step at most
 
 
+def test_an_exported_file_runs_on_openvino_as_its_metadata_says(tmp_path, fixture_networks):
+    """`rmbg export`'s file: OpenVINO reads the model, size and activation from its metadata, as ONNX Runtime does,
+    and its masks agree; the file's fixed size is refused elsewhere with the same words."""
+    pytest.importorskip("onnx")
+    from rmbg_demo.export import export_onnx
+
+    path = export_onnx("birefnet-lite", tmp_path / "lite.onnx", network=network_for("birefnet-lite", fixture_networks),
+                       size=256, check=False).path
+    engine = build_engine("birefnet-lite", path, runtime="openvino")
+    onnx_runtime = build_engine("birefnet-lite", path, runtime="onnxruntime")
+    assert (engine.model_name, engine.input_size, engine.activation) == ("birefnet-lite", (256, 256), "sigmoid")
+    assert "birefnet-lite (lite.onnx) on cpu, openvino" in engine.describe()
+    batch = inputs("birefnet-lite", (256, 256))
+    assert mask_difference(engine(batch), onnx_runtime(batch)) <= 1
+    with pytest.raises(ValueError, match="export it again at that size"):
+        build_engine("birefnet-lite", path, runtime="openvino", input_size=(320, 320))
+
+
 def cache_files(folder):
     return {path.relative_to(folder) for path in folder.rglob("*") if path.is_file()}
 
