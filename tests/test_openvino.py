@@ -139,6 +139,13 @@ def test_runtimes_that_cannot_run_a_model_say_what_can():
         build_engine("u2netp", dtype="int8", runtime="openvino")
 
 
+def test_a_file_that_is_not_onnx_is_named_for_what_it_is(tmp_path):
+    photo = tmp_path / "model.onnx"
+    photo.write_bytes((BUILTIN_BENCHMARK / "images" / "0000.jpg").read_bytes())
+    with pytest.raises(ValueError, match="model.onnx: it is a JPEG image, not an ONNX model"):
+        build_engine("rmbg-2.0", photo, runtime="openvino")
+
+
 def rmbg(*args, python_prefix=""):
     """The CLI in a fresh process; `python_prefix` runs first (to hide a package)."""
     code = f"{python_prefix}import sys; from rmbg_demo.cli import main; sys.exit(main({json.dumps(list(args))}))"

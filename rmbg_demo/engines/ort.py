@@ -29,7 +29,7 @@ class OnnxModelError(ValueError):
     """The file is not a usable ONNX model for this engine; the message says why."""
 
 
-def _what_it_is(path: Path) -> str:
+def what_it_is(path: Path) -> str:
     """Why ONNX Runtime could not parse `path`, as well as the first bytes can tell."""
     with open(path, "rb") as handle:
         head = handle.read(16)
@@ -148,7 +148,7 @@ class OnnxEngine:
         try:
             return ort.InferenceSession(str(self.path), options, providers=_providers(self.requested_device))
         except Exception as exc:  # onnxruntime raises its own exception types for every load failure
-            reason = _what_it_is(self.path) if "Protobuf parsing failed" in str(exc) or not self.path.stat().st_size \
+            reason = what_it_is(self.path) if "Protobuf parsing failed" in str(exc) or not self.path.stat().st_size \
                 else str(exc).split(" failed:")[-1].strip()
             raise OnnxModelError(f"cannot load {self.path}: {reason}") from exc
 

@@ -27,7 +27,7 @@ import torch
 
 from ..models import Activation, get_spec
 from ..processing import activate
-from .ort import OnnxModelError, guess_activation, metadata_numbers, network_sizes
+from .ort import OnnxModelError, guess_activation, metadata_numbers, network_sizes, what_it_is
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +186,14 @@ def openvino_from_onnx(path, *, precision: str = "f32", output_index: int = 0,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {path}")
+    with open(path, "rb") as handle:  # an ONNX ModelProto starts with its ir_version field
+        starts_like_onnx = handle.read(1) == b"\x08"
+    if not starts_like_onnx:  # said before OpenVINO tries its other readers (TensorFlow's, ...) on it
+        raise OnnxModelError(f"cannot load {path}: {what_it_is(path)}")
     try:
         model = ov.Core().read_model(str(path))
     except RuntimeError as exc:
-        raise OnnxModelError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from exc
+        raise OnnxModelError(f"cannot load {path}: {what_it_is(path)}") from exc
     metadata = onnx_metadata(model)
     if len(model.inputs) != 1 or model.inputs[0].get_partial_shape().rank.get_length() != 4:
         raise OnnxModelError(f"{path}: an image model takes one (B, 3, H, W) input")
