@@ -107,10 +107,10 @@ def test_a_second_start_uses_the_caches_and_not_the_weights(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("name", ["birefnet-lite", "u2netp"])
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_auto_never_picks_an_openvino_precision_outside_its_budget(name, native_bf16, monkeypatch,
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_never_picks_an_openvino_precision_outside_its_budget(name, amx, monkeypatch,
                                                                    fixture_networks):
-    monkeypatch.setattr("rmbg_demo.engines.cpu_has_fast_bfloat16", lambda: native_bf16)
+    monkeypatch.setattr("rmbg_demo.engines.cpu_has_amx", lambda: amx)
     spec, size = get_spec(name), SIZE.get(name, (256, 256))
     for dtype in ("auto", "float32"):
         runtime = auto_runtime(spec, None, "cpu", dtype)
@@ -121,8 +121,8 @@ def test_auto_never_picks_an_openvino_precision_outside_its_budget(name, native_
         batch = inputs(name, size)
         assert engine.precision == "f32"
         assert mask_difference(engine(batch), reference_engine(name, fixture_networks)(batch)) <= 2
-    # Without native bf16, PyTorch's float32 is the alternative: auto takes OpenVINO's exact f32 instead.
-    if not native_bf16 and spec.runtime is Runtime.TORCH:
+    # Without AMX, PyTorch's float32 or AVX512 bfloat16 is the alternative: auto takes OpenVINO's exact f32.
+    if not amx and spec.runtime is Runtime.TORCH:
         assert auto_runtime(spec, None, "cpu", "auto") == "openvino"
 
 
@@ -183,5 +183,5 @@ def test_without_openvino_auto_still_runs_and_openvino_says_how_to_install(tmp_p
 
 def test_without_openvino_auto_keeps_pytorch(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)
-    monkeypatch.setattr("rmbg_demo.engines.cpu_has_fast_bfloat16", lambda: False)
+    monkeypatch.setattr("rmbg_demo.engines.cpu_has_amx", lambda: False)
     assert auto_runtime(get_spec("birefnet-lite"), None, "cpu", "auto") == "torch"

@@ -12,7 +12,7 @@ from .base import Engine
 from .ort import OnnxEngine, OnnxModelError
 from .ov import MEASURED_ERRORS as OPENVINO_MEASURED_ERRORS
 from .ov import OpenVinoUnavailable, openvino_available
-from .pytorch import DTYPE_CHOICES, TorchEngine, configure_torch, cpu_has_fast_bfloat16, pick_device, pick_dtype
+from .pytorch import DTYPE_CHOICES, TorchEngine, configure_torch, cpu_has_amx, pick_device, pick_dtype
 from .remote import RemoteEngine
 from .wrappers import RequestBatcher, ZeroGpuEngine, zerogpu_decorator
 
@@ -30,17 +30,18 @@ def is_exported_file(weights) -> bool:
 
 
 def auto_runtime(spec: ModelSpec, weights=None, device="auto", dtype="auto") -> str:
-    """The fastest runtime whose masks stay within 2/255 of float32 (figures: bench/RESULTS.md).
+    """The fastest runtime whose masks stay within 2/255 of float32 (figures: bench/RESULTS.md, README).
 
-    PyTorch models on a CPU: OpenVINO f32 (exact; 1.4x PyTorch float32 with RMBG-2.0 at 1024), except
-    where the CPU has native bf16 and the precision is `auto`: PyTorch bfloat16 (within 2/255) is faster
-    there than OpenVINO f32, and OpenVINO's own bf16 moves masks by up to 11/255. ONNX graphs (u2netp, an
-    export): ONNX Runtime, as fast as OpenVINO f32 here (1.03x) and no compile at start. On GPUs and for
-    precisions OpenVINO does not add (float16, torch's int8 Linear): the model's own runtime."""
+    PyTorch networks on a CPU, float32 or `auto` precision: OpenVINO f32 when installed (exact; faster than
+    PyTorch float32 everywhere measured, and than PyTorch bfloat16 on AVX512-BF16 without AMX), except on
+    CPUs with AMX with `auto` precision, where PyTorch bfloat16 (within 2/255) is faster still; OpenVINO's
+    own bf16 moves masks too far to be anyone's default. ONNX graphs (u2netp, exports): ONNX Runtime, as fast
+    as OpenVINO f32 and without a compile at start. GPUs and the precisions OpenVINO does not add (float16,
+    torch's int8 Linear): the model's own runtime."""
     native = "onnxruntime" if is_exported_file(weights) or spec.runtime is Runtime.ONNX else "torch"
     if native != "torch" or pick_device(device).type != "cpu" or dtype not in ("auto", "float32"):
         return native
-    if dtype == "auto" and cpu_has_fast_bfloat16():
+    if dtype == "auto" and cpu_has_amx():
         return "torch"
     return "openvino" if openvino_available() else "torch"
 

@@ -176,7 +176,7 @@ def onnx_metadata(model) -> dict[str, str]:
     """Our export's metadata (ONNX metadata_props), as OpenVINO's ONNX reader keeps it."""
     if not model.has_rt_info(["framework"]):
         return {}
-    return {key: str(value) for key, value in model.get_rt_info(["framework"]).astype(dict).items()}
+    return {key: value.astype(str) for key, value in model.get_rt_info(["framework"]).astype(dict).items()}
 
 
 def openvino_from_onnx(path, *, precision: str = "f32", output_index: int = 0,
