@@ -112,7 +112,7 @@ def test_auto_never_picks_an_openvino_precision_outside_its_budget(name, amx, mo
                                                                    fixture_networks):
     monkeypatch.setattr("rmbg_demo.engines.cpu_has_amx", lambda: amx)
     spec, size = get_spec(name), SIZE.get(name, (256, 256))
-    for dtype in ("auto", "float32"):
+    for dtype in ("auto", "float32", "bfloat16", "int8"):
         runtime = auto_runtime(spec, None, "cpu", dtype)
         if runtime != "openvino":
             continue

@@ -32,17 +32,15 @@ def is_exported_file(weights) -> bool:
 def auto_runtime(spec: ModelSpec, weights=None, device="auto", dtype="auto") -> str:
     """The fastest runtime whose masks stay within 2/255 of float32 (figures: bench/RESULTS.md, README).
 
-    PyTorch networks on a CPU, float32 or `auto` precision: OpenVINO f32 when installed (exact; faster than
-    PyTorch float32 everywhere measured, and than PyTorch bfloat16 on AVX512-BF16 without AMX), except on
-    CPUs with AMX with `auto` precision, where PyTorch bfloat16 (within 2/255) is faster still; OpenVINO's
-    own bf16 moves masks too far to be anyone's default. ONNX graphs (u2netp, exports): ONNX Runtime, as fast
-    as OpenVINO f32 and without a compile at start. GPUs and the precisions OpenVINO does not add (float16,
-    torch's int8 Linear): the model's own runtime."""
+    PyTorch networks on a CPU at `auto` precision: OpenVINO f32 when installed (exact; faster than PyTorch
+    float32 everywhere measured, and than PyTorch bfloat16 on AVX512-BF16 without AMX), except on CPUs with
+    AMX, where PyTorch bfloat16 (within 2/255) is faster still; OpenVINO's own bf16 moves masks too far to be
+    anyone's default. An explicit --dtype names PyTorch's precision, as it always has (OpenVINO's is asked
+    with --runtime openvino). ONNX graphs (u2netp, exports): ONNX Runtime, as fast as OpenVINO f32 and
+    without a compile at start. GPUs: the model's own runtime."""
     native = "onnxruntime" if is_exported_file(weights) or spec.runtime is Runtime.ONNX else "torch"
-    if native != "torch" or pick_device(device).type != "cpu" or dtype not in ("auto", "float32"):
+    if native != "torch" or pick_device(device).type != "cpu" or dtype != "auto" or cpu_has_amx():
         return native
-    if dtype == "auto" and cpu_has_amx():
-        return "torch"
     return "openvino" if openvino_available() else "torch"
 
 
