@@ -62,6 +62,10 @@ def runtime_for(spec: ModelSpec, weights=None, backend: str | None = None, runti
     if runtime == "onnxruntime" and not exported and spec.runtime is not Runtime.ONNX:
         raise ValueError(f"--runtime onnxruntime runs an ONNX file; {spec.name} is a PyTorch network: write one with "
                          f"`rmbg export --model {spec.name}` and pass it as --weights, or use --runtime openvino")
+    if runtime == "openvino" and not openvino_available():  # said where the run is planned (a Ray driver too)
+        from .ov import import_openvino
+
+        import_openvino()
     return runtime
 
 
