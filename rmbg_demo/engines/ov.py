@@ -39,7 +39,7 @@ DTYPE_PRECISIONS = {"auto": "f32", "float32": "f32", "bfloat16": "bf16", "int8":
 # `python bench/video.py --only runtimes` and engine runs) or the bench photos (RMBG-2.0, `python
 # bench/runtimes.py`); see bench/RESULTS.md. Shown in the model line, --help and the README: bf16 and int8
 # are explicit choices, never `auto`'s. f32 is exact for every model.
-MEASURED_ERRORS = {("rmbg-2.0", "bf16"): 11, ("rmbg-2.0", "int8"): 25, ("u2netp", "bf16"): 222, ("u2netp", "int8"): 255}
+MEASURED_ERRORS = {("u2netp", "bf16"): 222, ("u2netp", "int8"): 255}
 # Choices refused with the measurement: the masks are not the model's any more.
 UNUSABLE = {("u2netp", "int8"): "int8 ruins u2netp's masks (worst built-in benchmark photo: IoU 0.00 with float32's)"}
 # Swin-backboned networks, which NNCF quantizes as transformers (the others are plain CNNs).
