@@ -90,19 +90,26 @@ def cache_files(folder):
     return {path.relative_to(folder) for path in folder.rglob("*") if path.is_file()}
 
 
-def test_a_second_start_uses_the_caches_and_not_the_weights(tmp_path, monkeypatch, lite_weights_file):
-    monkeypatch.setenv("RMBG_OPENVINO_CACHE", str(tmp_path))
-    batch = inputs("birefnet-lite", (256, 256))
-    first = build_engine("birefnet-lite", lite_weights_file, runtime="openvino", input_size=(256, 256))
-    made = cache_files(tmp_path)
+def test_a_second_start_uses_the_caches_and_not_the_weights(tmp_path, monkeypatch, fixture_networks):
+    """RMBG-1.4 (the quickest PyTorch network to convert) from a weights file, as a user starts it."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "rmbg-1.4.safetensors"
+    save_file({k: v.contiguous() for k, v in network_for("rmbg-1.4", fixture_networks).state_dict().items()},
+              str(weights))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RMBG_OPENVINO_CACHE", str(cache))
+    batch = inputs("rmbg-1.4", (256, 256))
+    first = build_engine("rmbg-1.4", weights, runtime="openvino", input_size=(256, 256))
+    made = cache_files(cache)
     assert any(p.suffix == ".xml" for p in made) and any(p.parts[0] == "compiled" for p in made)
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the second start loaded the PyTorch weights")
 
     monkeypatch.setattr("rmbg_demo.weights.load_model", no_loading)
-    second = build_engine("birefnet-lite", lite_weights_file, runtime="openvino", input_size=(256, 256))
-    assert cache_files(tmp_path) == made  # nothing converted or compiled again
+    second = build_engine("rmbg-1.4", weights, runtime="openvino", input_size=(256, 256))
+    assert cache_files(cache) == made  # nothing converted or compiled again
     assert torch.equal(first(batch), second(batch))
 
 
