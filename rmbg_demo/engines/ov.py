@@ -183,6 +183,8 @@ def onnx_metadata(model) -> dict[str, str]:
 def openvino_from_onnx(path, *, precision: str = "f32", output_index: int = 0,
                        activation: Activation | str | None = None, input_size: tuple[int, int] | None = None,
                        model_name: str | None = None) -> OpenVinoEngine:
+    """An ONNX file on OpenVINO: our export (its metadata says the model, size, activation, mean and std, as
+    for `OnnxEngine`) or another single-image graph such as u2netp.onnx (`output_index`, `activation`)."""
     ov = import_openvino()
     path = Path(path)
     if not path.is_file():
@@ -209,7 +211,7 @@ def openvino_from_onnx(path, *, precision: str = "f32", output_index: int = 0,
     what = f"{name} ({path.name})" if metadata.get("model") else path.name
     if len(model.outputs) > 1:  # the chosen map only: the others are not computed
         model = ov.Model([output], model.get_parameters(), model.get_friendly_name())
-    engine_mean_std = {key: metadata_numbers(path, metadata, key) for key in ("mean", "std")}
+    mean, std = (metadata_numbers(path, metadata, key) for key in ("mean", "std"))
 
     def source(size):
         sized = model.clone()
@@ -225,7 +227,7 @@ def openvino_from_onnx(path, *, precision: str = "f32", output_index: int = 0,
 
     engine = OpenVinoEngine(source, precision=precision, activation=activation, model_name=name,
                             input_size=input_size, fixed_size=fixed_size, what=what)
-    engine.mean, engine.std = engine_mean_std["mean"], engine_mean_std["std"]
+    engine.mean, engine.std = mean, std  # as OnnxEngine has them (None: the model's own)
     return engine
 
 
@@ -294,12 +296,11 @@ def openvino_from_torch(spec, weights=None, *, network: torch.nn.Module | None =
     from ..weights import load_model
 
     key = network_key(spec, weights, network)
-    spec_name = spec.name
 
     def source(size):
         ir = ir_path(key, size, "f32")
         if not ir.exists():
-            module = network if network is not None else load_model(spec_name, weights)
+            module = network if network is not None else load_model(spec.name, weights)
             convert(ChosenOutput(module, spec.output_index), size, ir)
         return quantized(ir, spec, size, key) if precision == "int8" else str(ir)
 
