@@ -30,7 +30,8 @@ def parse_args(argv=None):
     add_memory_argument(parser)
     parser.add_argument("--backend", metavar="URL",
                         help="a running `rmbg serve` (http://HOST:PORT) that runs the network; this page only "
-                             "decodes and composes, so it can live on a small machine")
+                             "decodes and composes, so it can live on a small machine (a service with API keys: "
+                             "set RMBG_API_KEY=KEY)")
     args = parser.parse_args(argv)
     if args.backend and (args.weights or args.compile or args.device != "auto" or args.dtype != "auto"
                          or args.runtime != "auto"):

@@ -1,10 +1,10 @@
 """Memory under large images: 8 concurrent requests of a 6 KB, 7000x7000 (49 MP) 1-bit PNG against the
-HTTP service (a Ray Serve replica) and the page (app.py, through gradio_client), with the memory budget
+HTTP service (`rmbg serve`, its own process) and the page (app.py, through gradio_client), with the memory budget
 off (--max-memory 0: every request at once, as before the budget) and on (the default, a quarter of RAM).
 
     python bench/memory.py [--requests 8] [--only service|page] [--no-append]
 
-Reports per process: RSS idle (model loaded), peak (VmHWM) and RSS a few seconds after the last answer,
+Reports per process: RSS idle (warm), peak (VmHWM) and RSS 20 s after the last answer,
 in MiB, and how many requests were answered 200 / refused. u2netp, so the network is not what costs.
 """
 from __future__ import annotations
@@ -47,16 +47,6 @@ def status_mib(pid: int, key: str) -> float:
     return 0.0
 
 
-def replica_pid() -> int:
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"ServeReplica" in (entry / "cmdline").read_bytes():
-                return int(entry.name)
-        except OSError:
-            continue
-    raise RuntimeError("no Serve replica process found")
-
-
 def small_png() -> bytes:
     buffer = io.BytesIO()
     Image.open(ROOT / "assets" / "chelsea.jpg").save(buffer, "PNG")
@@ -64,26 +54,43 @@ def small_png() -> bytes:
 
 
 def measure(pid: int, send, warm, requests: int) -> dict:
-    """Idle is measured after one small request: the engine's own working memory (ONNX Runtime's arena,
-    ~460 MB for u2netp, kept between runs because it makes them 1.45x faster) is there whatever the image."""
-    warm()
+    """Idle is measured once the server is warm: 20 small requests one after another, then `requests` at once
+    (its threads and their heaps exist). One request is not enough: the engine's working memory (ONNX
+    Runtime's arena, kept between runs because it makes them 1.45x faster) grows by ~200 MB over the first
+    few runs whatever the image, and a first burst of concurrent requests adds the threads' heaps."""
+    for _ in range(20):
+        warm()
+    with ThreadPoolExecutor(requests) as pool:
+        list(pool.map(lambda _: warm(), range(requests)))
     time.sleep(2)
     idle = status_mib(pid, "VmRSS")
     with ThreadPoolExecutor(requests) as pool:
         statuses = list(pool.map(send, range(requests)))
-    time.sleep(5)
+    time.sleep(20)  # past the budget's later trims (2 s and 15 s after the last large request)
     return {"idle": idle, "peak": status_mib(pid, "VmHWM"), "after": status_mib(pid, "VmRSS"),
             "ok": statuses.count(200), "refused": len(statuses) - statuses.count(200)}
 
 
 def service_run(budget: int | None, data: bytes, requests: int) -> dict:
-    from ray import serve
+    """`rmbg serve` (the plain server) as a user starts it, in its own process."""
+    import os
+    import subprocess
 
-    from rmbg_demo.cluster.serve import ServeSettings, start_service
-
-    settings = ServeSettings(model="u2netp", max_batch=8, max_bytes=25 * 2**20, max_memory=budget)
-    url = start_service(settings, port=free_port(), max_queued=64)
+    port = free_port()
+    command = [sys.executable, "-m", "rmbg_demo", "serve", "--model", "u2netp", "--port", str(port),
+               "--max-batch", "8", "--max-upload-mb", "25", *(["--max-memory", str(budget)] if budget is not None
+                                                             else [])]
+    server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
     try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"{url}/healthz", timeout=2)
+                break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+
         def post(body: bytes) -> int:
             request = urllib.request.Request(f"{url}/remove", data=body, method="POST")
             try:
@@ -93,9 +100,10 @@ def service_run(budget: int | None, data: bytes, requests: int) -> dict:
             except urllib.error.HTTPError as exc:
                 return exc.code
 
-        return measure(replica_pid(), lambda _: post(data), lambda: post(small_png()), requests)
+        return measure(server.pid, lambda _: post(data), lambda: post(small_png()), requests)
     finally:
-        serve.shutdown()
+        server.terminate()
+        server.wait(60)
 
 
 def page_run(budget: str, data: bytes, requests: int) -> dict:
@@ -132,18 +140,15 @@ def main() -> None:
 
     rows = []
     if args.only in (None, "service"):
-        from rmbg_demo.cluster.runtime import connect
-
-        connect(None, quiet=True)
         for label, budget in (("off (0)", 0), (f"default ({default_budget() / 2**30:.1f} GiB)", None)):
-            rows.append(("service replica", label, service_run(budget, data, args.requests)))
+            rows.append(("rmbg serve", label, service_run(budget, data, args.requests)))
     if args.only in (None, "page"):
         for label, budget in (("off (0)", "0"), (f"default ({default_budget() / 2**30:.1f} GiB)", "")):
             rows.append(("page (app.py)", label, page_run(budget, data, args.requests)))
     cpu = platform.processor() or platform.machine()
     lines = [f"### Memory under {args.requests} concurrent 49 MP requests ({datetime.date.today()}, {cpu}, "
              f"{len(data) / 1024:.0f} KB PNG of {SIDE}x{SIDE})", "",
-             "`python bench/memory.py` (u2netp; RSS in MiB: idle with the model loaded, peak VmHWM, 5 s after)", "",
+             "`python bench/memory.py` (u2netp; RSS in MiB: idle once warm, peak VmHWM, 20 s after)", "",
              "| process | budget | idle | peak | after | answered | refused |", "|---|---|---|---|---|---|---|"]
     for process, label, row in rows:
         lines.append(f"| {process} | {label} | {row['idle']:.0f} | {row['peak']:.0f} | {row['after']:.0f} | "

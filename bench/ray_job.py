@@ -121,7 +121,7 @@ def serve_load(clients: int, requests: int, max_batch: int) -> dict:
 
     from rmbg_demo.cluster.runtime import connect
     from rmbg_demo.cluster.serve import start_service
-    from rmbg_demo.cluster.serve_app import ServeSettings
+    from rmbg_demo.service.settings import ServeSettings
 
     connect(None, quiet=True)
     url = start_service(ServeSettings(model="u2netp", max_batch=max_batch), port=8765,

@@ -78,6 +78,43 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+class LaterTrims:
+    """`release_memory` again a little after a large request is done: its answer is often still being
+    encoded or sent when the budget is released (the page: Gradio saves the returned pictures after the
+    handler returns), and what that frees afterwards would otherwise stay with the process until the next
+    large request. One daemon thread, started on first use; each call moves the pending trims later."""
+
+    DELAYS = (2.0, 15.0)
+
+    def __init__(self):
+        self._due: list[float] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self) -> None:
+        with self._wake:
+            self._due = [time.monotonic() + delay for delay in self.DELAYS]
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rmbg-trim", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._due:
+                    self._wake.wait()
+                left = self._due[0] - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                self._due.pop(0)
+            release_memory()
+
+
+LATER_TRIMS = LaterTrims()
+
+
 class MemoryBudget:
     """`with budget.admit(cost): ...` holds `cost` bytes of the budget for the block. `limit` 0: no budget
     (every request admitted at once, as before)."""
@@ -113,6 +150,7 @@ class MemoryBudget:
                 self._free.notify_all()
         if cost >= TRIM_ABOVE:
             release_memory()
+            LATER_TRIMS.schedule()
 
     @contextlib.contextmanager
     def admit(self, cost: int, timeout: float | None = None) -> Iterator[None]:

@@ -124,10 +124,11 @@ def add_framing_arguments(parser) -> None:
     group.add_argument("--margin", metavar="N|N%", help="space around the subject: pixels, or a percentage of its "
                                                        "box's width (left, right) and height (top, bottom)")
     group.add_argument("--canvas", metavar="WxH", help="place the subject on a canvas of this size")
-    group.add_argument("--scale", metavar="P%", help="on a canvas, the subject's box fills P%% of it (its limiting "
-                                                     "side; default: the subject and margins fit the canvas)")
-    group.add_argument("--position", metavar="WHERE", help="center (default), top, bottom, left, right or X%%,Y%%: "
-                                                           "where the subject's box sits on the canvas")
+    group.add_argument("--scale", metavar="P%", help="the subject's box fills P%% of the canvas (its limiting side; "
+                                                     "without --canvas, of the output frame); default: as it comes")
+    group.add_argument("--position", metavar="WHERE", help="original (default: where it is; centred on a canvas), "
+                                                           "center, top, bottom, left, right or X%%,Y%%: where the "
+                                                           "subject's box sits")
     group.add_argument("--shadow", choices=["drop", "contact", "none"], help="a soft shadow from the subject's alpha")
     group.add_argument("--shadow-opacity", metavar="0-1", help="default 0.5")
     group.add_argument("--shadow-blur", metavar="PX", help="default: 2.5%% of the subject's height")
@@ -149,22 +150,30 @@ def add_ray_arguments(parser) -> None:
 
 
 def add_serve_parser(subparsers):
-    serve = subparsers.add_parser("serve", help="an HTTP service on Ray Serve (POST /remove)",
-                                  description="Runs until Ctrl-C. Needs: pip install 'rmbg-demo[ray]'")
+    serve = subparsers.add_parser(
+        "serve", help="an HTTP API (POST /remove, remove.bg's POST /v1.0/removebg; OpenAPI at /docs)",
+        description="Runs until Ctrl-C: here, with uvicorn (no Ray needed), or with --ray on Ray Serve "
+                    "(pip install 'rmbg-demo[ray]').")
     serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                       help="the Ray cluster (default: RAY_ADDRESS, else a local Ray started here)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+                       help="deploy on Ray Serve: the cluster at ADDRESS (default: RAY_ADDRESS, else a local Ray)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface: "
+                                                           "add an API key)")
     serve.add_argument("--port", type=int, default=8000)
     add_model_arguments(serve)  # --model, --weights (a path every node sees), --device, --dtype
-    serve.add_argument("--replicas", default="1", metavar="N|auto",
-                       help="replicas of the model; auto: 1 to one per GPU (or 4), by requests in flight")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="a key clients must send (X-Api-Key: KEY or Authorization: Bearer KEY); repeatable")
+    serve.add_argument("--api-keys", metavar="FILE", help="keys, one per line (also: RMBG_API_KEYS=KEY1,KEY2)")
+    serve.add_argument("--rate-limit", metavar="N/min", help="requests a minute per key (per address without keys); "
+                                                             "more get 429 with Retry-After")
+    serve.add_argument("--replicas", default=None, metavar="N|auto",
+                       help="with --ray: replicas of the model; auto: 1 to one per GPU (or 4), by requests in flight")
     serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests that share a network batch")
     serve.add_argument("--max-queued", type=int, default=64, metavar="N",
-                       help="requests waiting per deployment beyond those being served; more get 503")
+                       help="requests waiting beyond those being served; more get 503")
     serve.add_argument("--max-upload-mb", type=float, default=25.0, help="bigger bodies get 413")
     add_memory_argument(serve)
     serve.add_argument("--allow-private-urls", action="store_true",
-                       help="let {\"url\": ...} bodies reach private and loopback addresses")
+                       help="let URL fields (JSON url, image_url, bg_image_url) reach private and loopback addresses")
     return serve
 
 
@@ -201,10 +210,11 @@ def outputs_for(run: BatchRun):
     one that looks like a clip but cannot be used says why (truncated, audio only, too large: VideoError, a
     ValueError: that input fails alone). Files with an image extension go to the image decoder."""
     from .outputs import image_outputs
-    from .video import classify_media, output_paths
+    from .video import check_video_framing, classify_media, output_paths
 
     def outputs(source: str, out: str, options: RemovalOptions) -> tuple[dict[str, str], bool]:
         if classify_media(source, max_pixels=run.max_pixels) == "video":
+            check_video_framing(options, run.video_format, options.background.value, options.mask)
             paths = output_paths(source, out, fmt=run.video_format, background=options.background.value,
                                  mask=options.mask)
             return {kind: str(path) for kind, path in paths.items()}, True
@@ -306,7 +316,7 @@ def process_video_job(pipeline, job: Job, run: BatchRun, options: RemovalOptions
             result = remove_video(pipeline, job.source, run.output, fmt=run.video_format,
                                   background=options.background.value, mask=options.mask, smooth=run.smooth,
                                   refine=options.refine, overwrite=run.overwrite,
-                                  max_seconds=run.max_video_seconds, progress=progress)
+                                  max_seconds=run.max_video_seconds, progress=progress, framing=options)
         tally.written += 1
         record(manifest, ManifestRecord(job.source, list(job.outputs.values()), pipeline.model_name,
                                         result.info.width, result.info.height, time.perf_counter() - started))
@@ -427,18 +437,36 @@ def run_export(args) -> int:
 
 
 def run_serve(args) -> int:
-    from .cluster.serve import ServeSettings, run_serve
+    from .service.access import load_api_keys, open_host_warning, parse_rate_limit
+    from .service.settings import ServeSettings
 
     if args.runtime != "auto":  # ServeSettings has no runtime field yet: say so rather than ignore the flag
         print("error: rmbg serve runs --runtime auto for now (the service does not pass a runtime to its pool "
               "yet)", file=sys.stderr)
         return 2
-    service = ServeSettings(model=args.model, weights=str(args.weights) if args.weights else None,
-                             device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+    try:
+        keys = load_api_keys(args.api_key, args.api_keys)
+        rate_limit = parse_rate_limit(args.rate_limit)
+        if args.replicas is not None and args.ray is None:
+            raise ValueError("--replicas needs --ray (the plain server is one process; batching shares its model)")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings = ServeSettings(model=args.model, weights=str(args.weights) if args.weights else None,
+                             device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_queued=args.max_queued,
                              max_bytes=int(args.max_upload_mb * 1024 * 1024),
-                             allow_private_urls=args.allow_private_urls, max_memory=args.max_memory)
-    return run_serve(service, address=args.ray, host=args.host, port=args.port, replicas=args.replicas,
-                     max_queued=args.max_queued)
+                             allow_private_urls=args.allow_private_urls, max_memory=args.max_memory, api_keys=keys,
+                             rate_limit=rate_limit)
+    warning = None if keys else open_host_warning(args.host)
+    if warning:
+        print(f"\n{warning}\n", file=sys.stderr)
+    if args.ray is None:
+        from .service.plain import serve_here
+
+        return serve_here(settings, host=args.host, port=args.port)
+    from .cluster.serve import run_serve
+
+    return run_serve(settings, address=args.ray, host=args.host, port=args.port, replicas=args.replicas or "1")
 
 
 COMMANDS = {"remove": run_remove, "models": run_models, "eval": run_eval, "make-benchmark": run_make_benchmark,

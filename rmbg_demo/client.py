@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,9 +28,11 @@ class RemoteError(RuntimeError):
 class RemoteRemover:
     """`RemoteRemover("http://127.0.0.1:8000").remove(png_bytes, background="#00ff00")` -> (image bytes, headers)."""
 
-    def __init__(self, url: str, *, timeout: float = 120.0):
+    def __init__(self, url: str, *, timeout: float = 120.0, api_key: str | None = None):
+        """`api_key`: sent as X-Api-Key to a service that has keys (default: the RMBG_API_KEY variable)."""
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key if api_key is not None else os.environ.get("RMBG_API_KEY") or None
 
     def remove(self, image: bytes, options=None, **settings) -> tuple[bytes, Message]:
         """The cut-out (or, with mask, the mask) of `image`, encoded in the asked format, and the answer's
@@ -83,6 +86,8 @@ class RemoteRemover:
             return False
 
     def _send(self, request) -> tuple[bytes, Message]:
+        if self.api_key:
+            request.add_header("X-Api-Key", self.api_key)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return response.read(), response.headers  # case-insensitive: headers["X-Model"]

@@ -4,6 +4,7 @@ embedded profile rather than Pillow's profile-less formula."""
 from __future__ import annotations
 
 import io
+import logging
 
 from PIL import Image, ImageCms
 
@@ -38,8 +39,9 @@ def cmyk_to_rgb(image: Image.Image) -> Image.Image:
                                                   outputMode="RGB")
             converted.info = {k: v for k, v in image.info.items() if k != "icc_profile"}
             return converted
-        except (ImageCms.PyCMSError, OSError):
-            pass  # a profile littlecms cannot use: Pillow's own conversion, as before
+        except (ImageCms.PyCMSError, OSError) as exc:  # a profile littlecms cannot use (or not a CMYK one)
+            logging.getLogger(__name__).warning("a CMYK image's embedded colour profile cannot be used (%s); "
+                                                "converted without it, colours may be off", exc)
     converted = image.convert("RGB")
     converted.info.pop("icc_profile", None)
     return converted

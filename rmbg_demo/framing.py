@@ -151,25 +151,49 @@ def frame_result(result, options) -> tuple[Image.Image, Image.Image]:
     """The framed picture and the mask through the same geometry (the subject's alpha, no shadow)."""
     from .compose import subject_alpha
 
-    photo = result.image
-    alpha = subject_alpha(photo, result.mask)
+    alpha = subject_alpha(result.image, result.mask)
     found = subject_box(alpha)
     if found is None:
         logging.getLogger(__name__).warning("%s: no subject found; the full frame is kept",
                                             result.source or "an image")
-    box = found or Box(0, 0, *photo.size)
-    region = with_margin(box, options.margin) if (options.crop or options.canvas) and found else Box(0, 0, *photo.size)
-    content = Box(box.left - region.left, box.top - region.top, box.right - region.left, box.bottom - region.top)
+    region, content = framing_geometry(found, result.image.size, options)
+    return frame_region(result, alpha, options, region, content, own=found)
+
+
+def framing_geometry(box: Box | None, size: tuple[int, int], options) -> tuple[Box, Box]:
+    """(region, content): the part of a picture of `size` that is framed (`box` with its margin when cropping
+    or placing on a canvas; else, or with no subject (None), the whole picture) and `box` inside it."""
+    full = Box(0, 0, *size)
+    region = with_margin(box, options.margin) if (options.crop or options.canvas) and box else full
+    return region, shifted(box or full, -region.left, -region.top)
+
+
+def shifted(box: Box, dx: float, dy: float, factor: float = 1.0) -> Box:
+    """`box` scaled by `factor` then moved by (dx, dy), rounded to whole pixels."""
+    return Box(*(round(value) for value in (box.left * factor + dx, box.top * factor + dy,
+                                            box.right * factor + dx, box.bottom * factor + dy)))
+
+
+def frame_region(result, alpha: Image.Image, options, region: Box, content: Box, *,
+                 own: Box | None) -> tuple[Image.Image, Image.Image]:
+    """`result` cut to `region` (its subject's box `content` inside it), placed on the canvas when asked,
+    shadowed, over the background: (picture, mask). A video frame gets its clip's region and content, so
+    every frame has the same geometry; `own` (the picture's own subject box, None: no subject) is where
+    a contact shadow lies."""
+    photo = result.image
     # Cut first, then build the RGBA subject: only the framed region is converted (outside the photo,
     # black with alpha 0, as an RGBA crop gives)
     subject = crop(result.foreground(options.refine), region).convert("RGB").convert("RGBA")
     subject.putalpha(crop(alpha, region))
-    if options.canvas is not None:
-        resized, corner, factor = place(subject, tuple(options.canvas), content, scale=options.scale,
-                                        position=options.position)
-        subject = on_canvas(resized, tuple(options.canvas), corner)
-        content = Box(*(round(v) for v in (content.left * factor + corner[0], content.top * factor + corner[1],
-                                           content.right * factor + corner[0], content.bottom * factor + corner[1])))
+    own = shifted(own, -region.left, -region.top) if own is not None else None
+    # A scale or position without a canvas moves the subject within its own frame (remove.bg's meaning)
+    canvas = options.canvas or (subject.size if options.scale is not None or options.position is not None else None)
+    if canvas is not None:
+        resized, corner, factor = place(subject, tuple(canvas), content, scale=options.scale,
+                                        position=options.position or (0.5, 0.5))
+        subject = on_canvas(resized, tuple(canvas), corner)
+        content = shifted(content, *corner, factor)
+        own = shifted(own, *corner, factor) if own is not None else None
     mask = subject.getchannel("A")
     shadow = None
     if options.shadow is not None:
@@ -178,6 +202,6 @@ def frame_result(result, options) -> tuple[Image.Image, Image.Image]:
         offset = options.shadow_offset or ((round(0.02 * content.width), round(0.03 * height))
                                            if options.shadow == "drop" else (0, 0))
         shadow = shadow_alpha(mask, options.shadow, opacity=options.shadow_opacity, blur=blur, offset=offset,
-                              box=content)
+                              box=own)
     picture = flatten(subject, shadow, backdrop(photo.convert("RGB"), options.background.value, subject.size))
     return picture, mask

@@ -349,7 +349,7 @@ def encode_png_fast(image: Image.Image, compress_level: int = 1, icc_profile: by
 
 def encode_image(image: Image.Image, fmt: str = "png", *, compress_level: int = 1,
                  icc_profile: bytes | None = None) -> bytes:
-    """PNG (our fast encoder for L/RGB/RGBA, Pillow's for other modes) or lossless WebP, carrying
+    """PNG (our fast encoder for L/RGB/RGBA, Pillow's for other modes) lossless WebP or JPEG (quality 95), carrying
     `icc_profile` when given. No EXIF: the pixels are already upright."""
     fmt = fmt.lower()
     buffer = io.BytesIO()
@@ -360,6 +360,8 @@ def encode_image(image: Image.Image, fmt: str = "png", *, compress_level: int = 
         image.save(buffer, "PNG", compress_level=compress_level, compress_type=zlib.Z_RLE, **extra)
     elif fmt == "webp":
         image.save(buffer, "WEBP", lossless=True, method=4, exact=False, **extra)
+    elif fmt in ("jpg", "jpeg"):  # no alpha: callers flatten first (remove.bg's jpg and zip answers)
+        image.convert("L" if image.mode == "L" else "RGB").save(buffer, "JPEG", quality=95, **extra)
     else:
         raise ValueError(f"unknown output format {fmt!r}; choose one of: {', '.join(FORMAT_EXTENSIONS)}")
     return buffer.getvalue()

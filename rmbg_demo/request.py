@@ -5,7 +5,7 @@ one parser; the constructors (`from_args`, `from_query`, `from_widgets`) only ma
 names onto them. `render` turns a result into the picture the options ask for.
 
 Adding a request setting: a field of `RemovalOptions`, its parser below, then one flag (cli.py),
-one widget (ui.py) and one query name (`from_query`, the service's contract).
+one widget (ui.py) and one query name (`QUERY_FIELDS` and `from_query`, the service's contract).
 """
 from __future__ import annotations
 
@@ -234,11 +234,14 @@ def parse_scale(text, setting: str = "scale") -> float | None:
     return value / 100
 
 
-def parse_position(text, setting: str = "position") -> tuple[float, float]:
-    """center, top, bottom, left, right, or 'X%,Y%' (where the subject's box sits, as remove.bg means it)."""
+def parse_position(text, setting: str = "position") -> tuple[float, float] | None:
+    """center, top, bottom, left, right, or 'X%,Y%' (where the subject's box sits, as remove.bg means it);
+    None ('original', the default): where it is in the photo, or centred when a canvas or scale moves it."""
     if isinstance(text, tuple):
         return text
-    name = (str(text) if text not in (None, "") else "center").strip().lower()
+    name = (str(text) if text is not None else "").strip().lower()
+    if name in ("", "original"):
+        return None
     if name in POSITIONS:
         return POSITIONS[name]
     parts = name.split(",")
@@ -246,7 +249,7 @@ def parse_position(text, setting: str = "position") -> tuple[float, float]:
         x, y = (_number(part, setting, "X%,Y%") for part in parts)
         if 0 <= x <= 100 and 0 <= y <= 100:
             return (x / 100, y / 100)
-    raise OptionError(setting, text, "choose center, top, bottom, left, right or X%,Y% (0-100 each)")
+    raise OptionError(setting, text, "choose original, center, top, bottom, left, right or X%,Y% (0-100 each)")
 
 
 def parse_shadow(text, setting: str = "shadow") -> str | None:
@@ -294,6 +297,27 @@ FRAMING_FIELDS = ("crop", "margin", "canvas", "scale", "position", "shadow", "sh
                   "shadow_offset", "srgb")
 
 
+# The HTTP service's query names (`from_query`) and what each means: the OpenAPI document is built from this.
+QUERY_FIELDS = {
+    "model": "auto (the server's default) or a registered model: GET /models lists those with weights here",
+    "size": "the network's input resolution, N or WxH (multiples of 32, 256-2048); default: the model's own",
+    "background": "transparent (default), a colour (#00ff00, 'green', '0,255,0') or blur",
+    "refine": "1: re-estimate colours at soft edges (no halo of the old background)",
+    "format": "png (default) or webp (lossless)",
+    "mask": "1: answer the 8-bit mask instead of the cut-out",
+    "crop": "1: crop to the subject's box",
+    "margin": "space around the subject when cropping or on a canvas: pixels, or N% of its box",
+    "canvas": "WxH: place the subject on a canvas of this size",
+    "scale": "P%: the subject's box fills P% of the canvas (or of the output frame)",
+    "position": "original, center, top, bottom, left, right or X%,Y%: where the subject's box sits",
+    "shadow": "drop or contact: a soft shadow from the subject's alpha",
+    "shadow_opacity": "0-1 (default 0.5)",
+    "shadow_blur": "pixels (default 2.5% of the subject's height)",
+    "shadow_offset": "X,Y pixels (default: drop 2%, 3% of the subject's box)",
+    "srgb": "1: convert to sRGB (else the photo's colour profile is kept)",
+}
+
+
 # -- the request ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RemovalOptions:
@@ -310,8 +334,9 @@ class RemovalOptions:
     crop: bool = False
     margin: tuple[float, bool] = (0.0, False)  # (value, is a percentage of the subject's box)
     canvas: ImageSize | None = None
-    scale: float | None = None  # the share of the canvas the subject's box fills; None: fit the framed region
-    position: tuple[float, float] = (0.5, 0.5)  # where the subject's box sits, (x, y) in [0, 1]
+    # the share of the canvas (or, without one, of the output frame) the subject's box fills; None: as it comes
+    scale: float | None = None
+    position: tuple[float, float] | None = None  # where the subject's box sits, (x, y) in [0, 1]; None: original
     shadow: str | None = None  # drop | contact
     shadow_opacity: float = 0.5
     shadow_blur: float | None = None  # pixels on the output; None: 2.5 % of the subject's height
@@ -340,7 +365,8 @@ class RemovalOptions:
     @property
     def framed(self) -> bool:
         """Any framing asked for (else the picture is the photo's frame, as the cut-out always was)."""
-        return self.crop or self.canvas is not None or self.shadow is not None
+        return (self.crop or self.canvas is not None or self.shadow is not None or self.scale is not None
+                or self.position is not None)
 
     def replace(self, **changes) -> RemovalOptions:
         return replace(self, **changes)
@@ -359,8 +385,13 @@ class RemovalOptions:
 
     @classmethod
     def from_query(cls, query: Mapping[str, str], background_image: bytes | None = None) -> RemovalOptions:
-        """The HTTP service's query (or form) fields: model, size, background, refine, format, mask; an
-        uploaded `background_image` replaces the background. Local files are never read from a query."""
+        """The HTTP service's query (or form) fields, `QUERY_FIELDS`; an uploaded `background_image` replaces
+        the background. Local files are never read from a query. An unknown name is an error (a typo is
+        never silently ignored)."""
+        unknown = sorted(set(query) - set(QUERY_FIELDS))
+        if unknown:
+            raise OptionError(unknown[0], query[unknown[0]], f"no such setting; the settings are "
+                                                               f"{', '.join(QUERY_FIELDS)}")
         background = background_image if background_image else \
             parse_background(query.get("background"), files=False)
         return cls(model=query.get("model") or "auto", size=query.get("size"), background=background,
@@ -393,7 +424,7 @@ class RemovalOptions:
             text["canvas"] = f"{self.canvas.width}x{self.canvas.height}"
         if self.scale is not None:
             text["scale"] = f"{self.scale * 100:g}%"
-        if self.position != (0.5, 0.5):
+        if self.position is not None:
             text["position"] = f"{self.position[0] * 100:g}%,{self.position[1] * 100:g}%"
         if self.shadow is not None:
             text["shadow"] = self.shadow
@@ -409,7 +440,7 @@ class RemovalOptions:
     @classmethod
     def from_widgets(cls, model=None, background: str = "transparent", colour: str | None = "#ffffff",
                      background_image: str | None = None, refine=False, fmt: str = "png",
-                     resolution: str = "auto", crop=False, margin="", canvas="", scale="", position="center",
+                     resolution: str = "auto", crop=False, margin="", canvas="", scale="", position="original",
                      shadow="none", srgb=False) -> RemovalOptions:
         """The page's settings: the background is a choice (transparent, colour, blur, image) plus the
         colour picker and the uploaded background image."""

@@ -248,7 +248,7 @@ class Handlers:
     # BRIA's Space is called with the image (or URL) alone.
     def image(self, path, model=None, background="transparent", colour="#ffffff", background_image=None,
               refine=False, fmt="png", resolution="auto", crop=False, margin="", canvas="", scale="",
-              position="center", shadow="none", srgb=False):
+              position="original", shadow="none", srgb=False):
         if not path:
             raise gr.Error("upload, paste or drop an image first")
         options = page_options(model, background, colour, background_image, refine, fmt, resolution, crop, margin,
@@ -257,7 +257,7 @@ class Handlers:
 
     def text(self, url, model=None, background="transparent", colour="#ffffff", background_image=None,
              refine=False, fmt="png", resolution="auto", crop=False, margin="", canvas="", scale="",
-             position="center", shadow="none", srgb=False):
+             position="original", shadow="none", srgb=False):
         url = (url or "").strip()
         if not url:
             raise gr.Error("paste an image URL first")
@@ -272,7 +272,7 @@ class Handlers:
 
     def batch(self, files, model=None, background="transparent", colour="#ffffff", background_image=None,
               refine=False, fmt="png", resolution="auto", crop=False, margin="", canvas="", scale="",
-              position="center", shadow="none", srgb=False, lowest_first=False):
+              position="original", shadow="none", srgb=False, lowest_first=False):
         if not files:
             raise gr.Error("add one or more images first")
         options = page_options(model, background, colour, background_image, refine, fmt, resolution, crop, margin,
@@ -349,7 +349,7 @@ def settings_inputs(models: Models) -> list:
             canvas = gr.Textbox("", label="Canvas (WxH)", placeholder="e.g. 1200x1200", elem_id="canvas")
             scale = gr.Textbox("", label="Subject scale on the canvas (%)", placeholder="e.g. 80%", elem_id="scale")
         with gr.Row():
-            position = gr.Dropdown(["center", "top", "bottom", "left", "right"], value="center",
+            position = gr.Dropdown(["original", "center", "top", "bottom", "left", "right"], value="original",
                                    allow_custom_value=True, label="Position (or X%,Y%)", elem_id="position")
             shadow = gr.Radio(["none", "drop", "contact"], value="none", label="Shadow", elem_id="shadow")
             srgb = gr.Checkbox(False, label="Convert to sRGB (else keep the photo's colour profile)", elem_id="srgb")

@@ -364,22 +364,22 @@ class ImageServer:
         self.httpd.shutdown()
 
 
-def display_p3_profile() -> bytes:
-    """A Display P3 ICC profile (v2, matrix/TRC: P3 primaries adapted to D50, gamma 2.2), built here: no
-    profile file ships on these machines and littlecms creates only sRGB among RGB spaces."""
-    def s15(value: float) -> bytes:
-        return struct.pack(">i", round(value * 65536))
+def _s15(value: float) -> bytes:
+    """An ICC s15Fixed16Number."""
+    return struct.pack(">i", round(value * 65536))
 
-    def xyz(x: float, y: float, z: float) -> bytes:
-        return b"XYZ " + b"\0" * 4 + s15(x) + s15(y) + s15(z)
 
-    text = b"Display P3 (rmbg-demo tests)"
-    description = (b"desc" + b"\0" * 4 + struct.pack(">I", len(text) + 1) + text + b"\0"
-                   + b"\0" * 8 + b"\0" * 3 + b"\0" * 67)
-    curve = b"curv" + b"\0" * 4 + struct.pack(">I", 1) + struct.pack(">H", int(2.2 * 256)) + b"\0\0"
-    tags = [(b"desc", description), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.5151, 0.2412, -0.0011)),
-            (b"gXYZ", xyz(0.2920, 0.6922, 0.0419)), (b"bXYZ", xyz(0.1571, 0.0666, 0.7841)),
-            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+def _icc_description(text: bytes) -> bytes:
+    """A v2 textDescriptionType: ASCII, then empty Unicode and ScriptCode parts."""
+    return b"desc" + b"\0" * 4 + struct.pack(">I", len(text) + 1) + text + b"\0" + b"\0" * 8 + b"\0" * 3 + b"\0" * 67
+
+
+def _icc_xyz(x: float, y: float, z: float) -> bytes:
+    return b"XYZ " + b"\0" * 4 + _s15(x) + _s15(y) + _s15(z)
+
+
+def assemble_icc_profile(device_class: bytes, colour_space: bytes, pcs: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """A v2.1 ICC profile: the 128-byte header (D50 illuminant), the tag table, the tags 4-byte aligned."""
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for signature, body in tags:
@@ -387,6 +387,62 @@ def display_p3_profile() -> bytes:
         table += signature + struct.pack(">II", offset + len(data), len(body))
         data += body
     size = offset + len(data)
-    header = (struct.pack(">I", size) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + b"\0" * 12
-              + b"acsp" + b"\0" * 24 + b"\0" * 4 + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
+    header = (struct.pack(">I", size) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) + device_class + colour_space + pcs
+              + b"\0" * 12 + b"acsp" + b"\0" * 24 + b"\0" * 4 + _s15(0.9642) + _s15(1.0) + _s15(0.8249) + b"\0" * 48)
     return header + struct.pack(">I", len(tags)) + table + data
+
+
+def display_p3_profile() -> bytes:
+    """A Display P3 ICC profile (v2, matrix/TRC: P3 primaries adapted to D50, gamma 2.2), built here: no
+    profile file ships on these machines and littlecms creates only sRGB among RGB spaces."""
+    curve = b"curv" + b"\0" * 4 + struct.pack(">I", 1) + struct.pack(">H", int(2.2 * 256)) + b"\0\0"
+    tags = [(b"desc", _icc_description(b"Display P3 (rmbg-demo tests)")), (b"wtpt", _icc_xyz(0.9642, 1.0, 0.8249)),
+            (b"rXYZ", _icc_xyz(0.5151, 0.2412, -0.0011)), (b"gXYZ", _icc_xyz(0.2920, 0.6922, 0.0419)),
+            (b"bXYZ", _icc_xyz(0.1571, 0.0666, 0.7841)), (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    return assemble_icc_profile(b"mntr", b"RGB ", b"XYZ ", tags)
+
+
+# The test CMYK profile's own colours (Lab, D50): full cyan prints a dark teal and full magenta a
+# crimson, far from the naive 255 - x conversion's pure cyan (0, 255, 255) and magenta (255, 0, 255).
+PAPER_LAB, CYAN_INK_LAB, MAGENTA_INK_LAB = (96.0, 0.0, 0.0), (42.0, -30.0, -20.0), (40.0, 55.0, 20.0)
+
+
+def _lut16(inputs: int, outputs: int, clut: list[tuple[float, ...]]) -> bytes:
+    """An ICC lut16Type ('mft2'): identity matrix, 2-entry identity input and output curves, a CLUT of 2 grid
+    points per input (the first input varies slowest) with `clut`'s values in [0, 1] per output."""
+    identity = b"".join(_s15(1.0 if row == column else 0.0) for row in range(3) for column in range(3))
+    curves = struct.pack(">2H", 0, 65535)
+    body = b"mft2" + b"\0" * 4 + bytes([inputs, outputs, 2, 0]) + identity + struct.pack(">HH", 2, 2)
+    body += curves * inputs
+    body += b"".join(struct.pack(">H", round(min(1.0, max(0.0, value)) * 65535)) for point in clut for value in point)
+    return body + curves * outputs
+
+
+def _lab16(lab: tuple[float, float, float]) -> tuple[float, float, float]:
+    """Lab as a v2 16-bit PCS value, over 65535: L* 0-100 -> 0-0xFF00, a* and b* -128-128 -> 0-0xFFFF."""
+    lightness, a, b = lab
+    return (lightness * 0xFF00 / 100 / 65535, (a + 128) * 256 / 65535, (b + 128) * 256 / 65535)
+
+
+def tinted_cmyk_profile() -> bytes:
+    """A small CMYK output ('prtr') ICC profile, v2, Lab PCS, with lut16 A2B0/B2A0 tags. Its A2B0 is simple
+    and deliberately unlike the naive inversion: cyan and magenta print `CYAN_INK_LAB` and `MAGENTA_INK_LAB`
+    on `PAPER_LAB` (mixed linearly in Lab), yellow shifts b* up, black darkens everything. Built here: no
+    CMYK profile ships on these machines and littlecms cannot create one."""
+    points = []
+    for c in (0, 1):
+        for m in (0, 1):
+            for y in (0, 1):
+                for k in (0, 1):
+                    lab = [paper + c * (cyan - paper) + m * (magenta - paper)
+                           for paper, cyan, magenta in zip(PAPER_LAB, CYAN_INK_LAB, MAGENTA_INK_LAB)]
+                    lab = [lab[0] * (1 - 0.1 * y), lab[1], lab[2] + 70 * y]
+                    points.append(_lab16((max(0.0, lab[0]) * (1 - 0.85 * k), lab[1] * (1 - k), lab[2] * (1 - k))))
+    a2b0 = _lut16(4, 3, points)
+    # B2A0 (Lab -> ink), needed for a valid output profile: a rough inverse; the tests read only A2B0
+    inks = [(1 - lightness, a * 0.5, b * 0.5, 0.5 * (1 - lightness)) for lightness in (0, 1) for a in (0, 1)
+            for b in (0, 1)]
+    b2a0 = _lut16(3, 4, inks)
+    tags = [(b"desc", _icc_description(b"Tinted CMYK (rmbg-demo tests)")), (b"wtpt", _icc_xyz(0.9642, 1.0, 0.8249)),
+            (b"A2B0", a2b0), (b"B2A0", b2a0)]
+    return assemble_icc_profile(b"prtr", b"CMYK", b"Lab ", tags)

@@ -4,7 +4,7 @@ import io
 
 import numpy as np
 import pytest
-from helpers import ASSETS, display_p3_profile, rmbg_in_process
+from helpers import ASSETS, display_p3_profile, rmbg_in_process, tinted_cmyk_profile
 from PIL import Image, ImageCms
 
 from rmbg_demo.framing import subject_box
@@ -48,6 +48,25 @@ def test_on_a_canvas_the_subject_has_the_asked_scale_and_position(result, positi
     free_x, free_y = canvas[0] - box.width, canvas[1] - box.height
     assert box.left == pytest.approx(where[0] * free_x, abs=0.02 * canvas[0])
     assert box.top == pytest.approx(where[1] * free_y, abs=0.02 * canvas[1])
+
+
+def test_scale_and_position_without_a_canvas_move_the_subject_within_its_own_frame(result, true_box):
+    """remove.bg's meaning: with no canvas, the output frame (the photo, or the crop) is the canvas. Before,
+    --scale and --position without --canvas were silently ignored."""
+    photo = result.image.size
+    picture, mask = rendered(result, RemovalOptions(scale="50%"))
+    box = alpha_box(picture)
+    assert picture.size == photo == mask.size
+    assert max(box.width / photo[0], box.height / photo[1]) == pytest.approx(0.5, abs=0.02)
+    assert box.left == pytest.approx((photo[0] - box.width) / 2, abs=3)  # scaling centres it
+    picture, _ = rendered(result, RemovalOptions(position="bottom"))
+    box = alpha_box(picture)
+    assert (box.width, box.height) == pytest.approx((true_box.width, true_box.height), abs=3)  # size kept
+    assert box.bottom == pytest.approx(photo[1], abs=2)
+    picture, _ = rendered(result, RemovalOptions(crop=True, margin="20", scale="50%"))
+    assert max(alpha_box(picture).width / picture.width, alpha_box(picture).height / picture.height) == \
+        pytest.approx(0.5, abs=0.02)
+    assert RemovalOptions(position="original") == RemovalOptions()  # the default: the subject stays put
 
 
 def test_resampling_onto_a_canvas_leaves_no_dark_fringe():
@@ -121,6 +140,61 @@ def test_cmyk_comes_out_as_rgb_and_upright(tmp_path):
     assert out.size == photo.size and out.mode == "RGBA" and not out.getexif().get(0x0112)
     reference = np.asarray(Image.open(buffer).transpose(Image.Transpose.ROTATE_270).convert("RGB"), int)
     assert np.abs(np.asarray(out.convert("RGB"), int) - reference).mean() < 2
+
+
+CMYK_PATCHES = {"paper": (0, 0, 0, 0), "cyan": (255, 0, 0, 0), "magenta": (0, 255, 0, 0),
+                "mixed": (128, 64, 32, 0), "dark": (40, 40, 40, 160)}
+
+
+def cmyk_swatches(path, icc: bytes) -> Image.Image:
+    """A CMYK JPEG of flat 40x40 patches, saved by Pillow with `icc` embedded (and, as Pillow writes CMYK,
+    Photoshop's APP14 "Adobe" marker and inverted values); returns the CMYK image as it was meant."""
+    cmyk = Image.new("CMYK", (40 * len(CMYK_PATCHES), 40))
+    for index, ink in enumerate(CMYK_PATCHES.values()):
+        cmyk.paste(ink, (40 * index, 0, 40 * index + 40, 40))
+    cmyk.save(path, "JPEG", quality=100, icc_profile=icc)
+    return cmyk
+
+
+def patch_colours(image: Image.Image) -> dict[str, np.ndarray]:
+    """Each patch's median colour, away from its edges (JPEG ringing)."""
+    pixels = np.asarray(image)
+    return {name: np.median(pixels[10:30, 40 * i + 10:40 * i + 30].reshape(-1, pixels.shape[2]), axis=0)
+            for i, name in enumerate(CMYK_PATCHES)}
+
+
+@pytest.mark.parametrize("srgb", [False, True])
+def test_a_cmyk_jpeg_is_converted_through_its_embedded_profile(tmp_path, srgb):
+    icc = tinted_cmyk_profile()
+    source = tmp_path / "swatches.jpg"
+    meant = cmyk_swatches(source, icc)
+    with Image.open(source) as stored:  # an Adobe-style inverted CMYK JPEG, read back uninverted (no double)
+        assert stored.info.get("adobe") and stored.info["icc_profile"] == icc
+        read = {name: tuple(colour) for name, colour in patch_colours(stored).items()}
+        assert all(np.abs(np.subtract(read[name], ink)).max() <= 2 for name, ink in CMYK_PATCHES.items()), read
+    run = rmbg_in_process("remove", source, "-o", tmp_path / "out", "--model", "u2netp", *(["--srgb"] if srgb else []))
+    assert run.returncode == 0, run.stderr
+    with Image.open(tmp_path / "out" / "swatches.png") as out:
+        assert out.info.get("icc_profile") is None  # sRGB now: the CMYK profile does not describe RGB
+        got = patch_colours(out.convert("RGB"))  # a cut-out keeps the colours under its alpha
+    expected = patch_colours(ImageCms.profileToProfile(meant, ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+                                                       ImageCms.createProfile("sRGB"), outputMode="RGB"))
+    naive = patch_colours(meant.convert("RGB"))
+    for name in CMYK_PATCHES:
+        assert np.abs(got[name] - expected[name]).max() <= 3, (name, got[name], expected[name])
+    for name in ("cyan", "magenta", "mixed"):  # the profile's inks, not 255 - x
+        assert np.abs(got[name] - naive[name]).max() >= 60, (name, got[name], naive[name])
+
+
+def test_a_cmyk_profile_that_cannot_be_used_is_reported_not_ignored(caplog):
+    from rmbg_demo.imageio import load_image
+
+    buffer = io.BytesIO()
+    Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(buffer, "JPEG", icc_profile=display_p3_profile())  # an RGB one
+    with caplog.at_level("WARNING"):
+        image = load_image(buffer.getvalue())
+    assert image.mode == "RGB" and image.getpixel((4, 4)) == pytest.approx((0, 255, 255), abs=2)
+    assert "embedded colour profile cannot be used" in caplog.text
 
 
 def test_an_input_alpha_and_the_mask_combine_as_their_minimum(result):

@@ -1,10 +1,11 @@
 """One request, four front ends, the same pictures: `rmbg remove`, `rmbg remove --ray`, the page (a real Gradio
-server, through gradio_client) and the HTTP service (Ray Serve, real HTTP through our client) each take the
+server, through gradio_client) and the HTTP service (`rmbg serve`, real HTTP through our client) each take the
 same settings matrix (model, network size, colour background, background image, refine, webp, mask) on the
 same photos. u2netp must agree to the bit; BiRefNet lite (fixture weights, PyTorch) within 1/255.
 
 The page runs in this process (a real server on 127.0.0.1; building it here saves an interpreter start and
-a torch import); the service and the job run on the tests' local Ray."""
+a torch import), and so does the service (the plain server; test_serve_ray.py shows Ray Serve answers the
+same bytes); the job runs on the tests' local Ray."""
 import io
 import shutil
 
@@ -63,16 +64,16 @@ def page(lite_weights_file):
 
 
 @pytest.fixture(scope="module")
-def service(local_ray, lite_weights_file):
-    """`rmbg serve` with the same model and weights; no CPU reserved, so that a Ray job can run beside it."""
-    from ray import serve
-
-    from rmbg_demo.cluster.serve import ServeSettings, start_service
+def service(lite_weights_file):
+    """`rmbg serve` with the same model and weights."""
+    from rmbg_demo.service import ServeSettings
+    from rmbg_demo.service.plain import ServiceThread
 
     settings = ServeSettings(model="birefnet-lite", weights=str(lite_weights_file), device="cpu", dtype="float32",
                              max_batch=2)
-    yield RemoteRemover(start_service(settings, port=free_port(), num_cpus=0))
-    serve.shutdown()
+    server = ServiceThread(settings)
+    yield RemoteRemover(server.url)
+    server.stop()
 
 
 def by_cli(photos, out, names, flags, *extra):

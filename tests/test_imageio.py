@@ -206,8 +206,10 @@ def test_encode_png_and_lossless_webp(photo):
     for fmt in ("png", "webp", "PNG"):
         decoded = Image.open(io.BytesIO(encode_image(rgba, fmt)))
         assert decoded.mode == "RGBA" and np.array_equal(np.asarray(decoded), np.asarray(rgba))
+    jpeg = Image.open(io.BytesIO(encode_image(rgba, "jpeg")))  # remove.bg's jpg: the colours, no alpha
+    assert jpeg.format == "JPEG" and jpeg.mode == "RGB" and jpeg.size == rgba.size
     with pytest.raises(ValueError, match="choose one of: png, webp"):
-        encode_image(rgba, "jpeg")
+        encode_image(rgba, "gif")
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])

@@ -7,7 +7,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rmbg_demo"
 FRONT_ENDS = ("rmbg_demo.cli", "rmbg_demo.ui", "rmbg_demo.ui_video", "rmbg_demo.cluster.job",
-              "rmbg_demo.cluster.serve", "rmbg_demo.cluster.serve_app", "rmbg_demo.arguments")
+              "rmbg_demo.cluster.serve", "rmbg_demo.cluster.serve_app", "rmbg_demo.arguments",
+              "rmbg_demo.service.app", "rmbg_demo.service.removebg", "rmbg_demo.service.core")
 
 
 def module_name(path: Path) -> str:

@@ -1,19 +1,13 @@
-"""`rmbg serve`: background removal as an HTTP service on Ray Serve.
-
-POST /remove (image bytes, multipart field `image` with an optional `background_image`, or JSON
-{"url": ...}; query: `RemovalOptions.from_query`'s model, size, background, refine, format, mask) answers
-the image with X-Model and timing headers; POST /predict runs the network alone (.npy in and out: what
-`RemoteEngine` sends); GET /models, GET /healthz.
-Bad input is a 400 {"error": ...}, an oversized body 413, a full queue 503; the service stays up.
-"""
+"""`rmbg serve --ray`: the service's app (`rmbg_demo.service.app`: its routes and contract) deployed on
+Ray Serve, with replicas (a fixed number, or autoscaled on requests in flight) and `@serve.batch`."""
 from __future__ import annotations
 
 import sys
 import time
 
-from .settings import ServeSettings
+from ..service.plain import DEFAULT_PORT
+from ..service.settings import ServeSettings
 
-DEFAULT_PORT = 8000
 __all__ = ["DEFAULT_PORT", "ServeSettings", "replica_options", "run_serve", "start_service"]
 
 
@@ -41,7 +35,7 @@ def replica_options(replicas: str | int, gpus_in_cluster: float, max_batch: int,
 
 
 def start_service(settings, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, replicas="1",
-                  max_queued: int = 64, num_cpus: float | None = None, name: str = "rmbg") -> str:
+                  max_queued: int | None = None, num_cpus: float | None = None, name: str = "rmbg") -> str:
     """Deploys the service on the connected Ray and returns its base URL (blocks until replicas are ready)."""
     from ray import serve
 
@@ -49,14 +43,15 @@ def start_service(settings, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT
     from .serve_app import Remover
 
     serve.start(http_options={"host": host, "port": port})
-    options = replica_options(replicas, cluster_gpus(), settings.max_batch, max_queued, num_cpus)
+    queued = settings.max_queued if max_queued is None else max_queued
+    options = replica_options(replicas, cluster_gpus(), settings.max_batch, queued, num_cpus)
     serve.run(Remover.options(**options).bind(settings), name=name, route_prefix="/")
     return f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
 
 
 def run_serve(settings: ServeSettings, *, address: str | None = None, host: str = "127.0.0.1",
-              port: int = DEFAULT_PORT, replicas="1", max_queued: int = 64) -> int:
-    """`rmbg serve`: deploys the service and waits for Ctrl-C; 2 when it cannot start."""
+              port: int = DEFAULT_PORT, replicas="1") -> int:
+    """`rmbg serve --ray`: deploys the service and waits for Ctrl-C; 2 when it cannot start."""
     from .runtime import RayMissingError, import_ray, ray_session
 
     try:
@@ -68,9 +63,9 @@ def run_serve(settings: ServeSettings, *, address: str | None = None, host: str 
     try:
         with ray_session(address) as _:
             try:
-                url = start_service(settings, host=host, port=port, replicas=replicas, max_queued=max_queued)
-                print(f"serving on {url}: POST {url}/remove, GET {url}/models, GET {url}/healthz (Ctrl-C stops)",
-                      file=sys.stderr)
+                url = start_service(settings, host=host, port=port, replicas=replicas)
+                print(f"serving on {url} (Ray Serve): POST {url}/remove, POST {url}/v1.0/removebg, GET {url}/docs "
+                      "(Ctrl-C stops)", file=sys.stderr)
                 while True:
                     time.sleep(3600)
             finally:

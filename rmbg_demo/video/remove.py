@@ -10,11 +10,12 @@ everything succeeded; a failure anywhere removes them.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from PIL import Image
 from ..atomic import atomic_outputs
 from ..imageio import DEFAULT_MAX_PIXELS
 from ..pipeline import RemovalResult
+from .framed import check_clip_framing, clip_framing, first_pass, framed_frames, framed_size
 from .probe import VideoError, VideoInfo, open_input, probe_video, video_stream
 from .smooth import MotionAwareSmoother
 from .writers import ENCODINGS, FrameFolderWriter, VideoWriter
@@ -125,23 +127,12 @@ class _Stages:
                 pass
 
     def _decode(self) -> None:
-        info, index = self.info, 0
-        step = max(1, round(1 / (info.fps * info.time_base)))  # one frame in time-base units, for missing pts
-        with open_input(info.path) as container:
-            stream = video_stream(container)
-            stream.thread_type = "AUTO"
+        with contextlib.closing(decoded_frames(self.info)) as frames:
             started = time.perf_counter()
-            try:
-                for frame in container.decode(stream):
-                    image = frame.to_image()
-                    pts = frame.pts if frame.pts is not None else index * step
-                    self.timings["decode"] += time.perf_counter() - started
-                    self._put(self.frames, (image, pts))
-                    index += 1
-                    started = time.perf_counter()
-            except av.error.FFmpegError as exc:
-                raise VideoError(f"{info.path.name}: corrupt at frame {index + 1} (FFmpeg: {exc.strerror or exc})") \
-                    from None
+            for item in frames:
+                self.timings["decode"] += time.perf_counter() - started
+                self._put(self.frames, item)
+                started = time.perf_counter()
         self._put(self.frames, _DONE)
 
     def _network(self) -> None:
@@ -190,7 +181,24 @@ class _Stages:
     def close(self) -> None:
         self.stop.set()
         for thread in self.threads:
-            thread.join()
+            if thread.ident is not None:  # started
+                thread.join()
+
+
+def decoded_frames(info: VideoInfo):
+    """(image, pts) of every frame of the clip, as stored (not turned upright); VideoError where it is corrupt."""
+    index = 0
+    step = max(1, round(1 / (info.fps * info.time_base)))  # one frame in time-base units, for missing pts
+    with open_input(info.path) as container:
+        stream = video_stream(container)
+        stream.thread_type = "AUTO"
+        try:
+            for frame in container.decode(stream):
+                yield frame.to_image(), (frame.pts if frame.pts is not None else index * step)
+                index += 1
+        except av.error.FFmpegError as exc:
+            raise VideoError(f"{info.path.name}: corrupt at frame {index + 1} (FFmpeg: {exc.strerror or exc})") \
+                from None
 
 
 class _Stopped(Exception):
@@ -225,25 +233,35 @@ def _open_writers(temporaries: dict[str, Path], fmt: str, info: VideoInfo) -> di
 
 def remove_video(pipeline, src, out_dir, *, fmt: str = "webm", background=None, mask: bool = False,
                  smooth: bool = False, refine: bool = False, batch_size: int | None = None, overwrite: bool = False,
-                 max_seconds: float | None = None, progress: Callable[[int, int], None] | None = None) -> VideoResult:
+                 max_seconds: float | None = None, progress: Callable[[int, int], None] | None = None,
+                 framing=None) -> VideoResult:
     """Removes the background of every frame of `src`; see `output_paths` for what is written where.
 
     `background`: None (alpha video), a colour, "blur" or a PIL image. `mask`: also the matte as greyscale
-    H.264. `smooth`: steady edges (temporal smoothing that follows motion). `progress(done, total)` is
-    called after each frame. The input is checked first (`probe_video`; VideoError), existing outputs are
-    kept unless `overwrite` (FileExistsError), and on any failure no partial output is left behind."""
+    H.264. `smooth`: steady edges (temporal smoothing that follows motion). `framing`: `RemovalOptions`
+    whose framing settings (crop, margin, canvas, scale, position, shadow) apply to every frame with one
+    geometry for the clip (`video.framed`; its background and refine are the arguments above).
+    `progress(done, total)` is called after each frame (twice per frame when framed: two passes). The
+    input and the settings are checked first (`probe_video`; VideoError, OptionError), existing outputs
+    are kept unless `overwrite` (FileExistsError), and on any failure no partial output is left behind."""
     started = time.perf_counter()
     src, out_dir = Path(src), Path(out_dir)
     fmt = _resolve_format(fmt, background)
+    check_video_framing(framing, fmt, background, mask)
+    options = clip_options(framing, background, refine)
     info = probe_video(src, max_seconds=max_seconds, max_pixels=getattr(pipeline, "max_pixels", DEFAULT_MAX_PIXELS))
     paths = output_paths(src, out_dir, fmt=fmt, background=background, mask=mask)
     _check_outputs(src, paths, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = _Stages(pipeline, info, max(1, int(batch_size or pipeline.batch_size)), smooth)
+    writers: dict = {}
     with atomic_outputs(paths, overwrite=overwrite, folders=frozenset({"frames"})) as temporaries:
-        writers = _open_writers(temporaries, fmt, info)
         try:
-            done = _encode_all(stages, writers, pipeline, background, refine, info, progress)
+            if options is None:
+                writers.update(_open_writers(temporaries, fmt, info))
+                done = _encode_all(stages, writers, pipeline, background, refine, info, progress)
+            else:
+                done = _encode_framed(stages, temporaries, writers, fmt, pipeline, options, info, progress)
             finishing = time.perf_counter()
             for writer in writers.values():
                 writer.finish()
@@ -253,6 +271,48 @@ def remove_video(pipeline, src, out_dir, *, fmt: str = "webm", background=None, 
             for writer in writers.values():
                 writer.close()
     return VideoResult(paths, done, info.fps, time.perf_counter() - started, info, dict(stages.timings))
+
+
+def check_video_framing(framing, fmt: str, background, mask: bool) -> None:
+    """What `remove_video` checks of `framing` (OptionError) before any work, for planners to ask first."""
+    options = clip_options(framing, background, False)
+    if options is not None:
+        check_clip_framing(options, _resolve_format(fmt, background), mask)
+
+
+def clip_options(framing, background, refine: bool):
+    """`framing` with the clip's background and refine, or None when it asks for no framing."""
+    if framing is None or not framing.framed:
+        return None
+    return framing.replace(background=background, refine=refine)
+
+
+def _encode_framed(stages: _Stages, temporaries: dict, writers: dict, fmt: str, pipeline, options,
+                   info: VideoInfo, progress) -> int:
+    """Both passes of a framed clip (`video.framed`); the writers are opened between them, once the
+    clip's frame size is known, upright (the display rotation is applied to the pixels)."""
+    upright = _UPRIGHT.get(info.rotation)
+    stages.start()
+    boxes, mattes = first_pass(stages.results_in_order(), pipeline, upright, progress, 2 * info.frames)
+    with contextlib.closing(mattes):
+        geometry = clip_framing(boxes, info.display_size, options, info.path.name)
+        width, height = framed_size(geometry[0], options)
+        writers.update(_open_writers(temporaries, fmt, replace(info, width=width, height=height, rotation=0)))
+        done = 0
+        with contextlib.closing(decoded_frames(info)) as frames:
+            started = time.perf_counter()
+            for picture, mask, pts in framed_frames(frames, mattes, boxes, options, geometry, pipeline.model_name,
+                                                    upright):
+                for kind, writer in writers.items():
+                    writer.write(mask if kind == "mask" else picture, pts)
+                done += 1
+                stages.timings["encode"] += time.perf_counter() - started  # with the second decode and framing
+                if progress is not None:
+                    progress(len(boxes) + done, 2 * info.frames)
+                started = time.perf_counter()
+    if done != len(boxes):
+        raise VideoError(f"{info.path.name}: {done} frames decoded the second time, {len(boxes)} the first")
+    return done
 
 
 def _encode_all(stages: _Stages, writers: dict, pipeline, background, refine: bool, info: VideoInfo,
