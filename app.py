@@ -1,5 +1,5 @@
 """Start the demo: `python app.py [--host H] [--port P] [--share] [--model NAME] [--weights FILE] [--device D]
-[--dtype T] [--batch-size N] [--max-batch N] [--compile] [--size N|WxH] [--backend URL]`."""
+[--dtype T] [--runtime R] [--batch-size N] [--max-batch N] [--compile] [--size N|WxH] [--backend URL]`."""
 import argparse
 import logging
 import os
@@ -33,8 +33,10 @@ def parse_args(argv=None):
                              "decodes and composes, so it can live on a small machine (a service with API keys: "
                              "set RMBG_API_KEY=KEY)")
     args = parser.parse_args(argv)
-    if args.backend and (args.weights or args.compile or args.device != "auto" or args.dtype != "auto"):
-        parser.error("--weights, --compile, --device and --dtype belong to `rmbg serve` when --backend is given")
+    if args.backend and (args.weights or args.compile or args.device != "auto" or args.dtype != "auto"
+                         or args.runtime != "auto"):
+        parser.error("--weights, --compile, --device, --dtype and --runtime belong to `rmbg serve` when --backend is "
+                     "given")
     return args, parser
 
 
@@ -55,7 +57,8 @@ def main(argv=None):
     configure_torch(args.device)
     guard_cache_cleaning()
     config = DemoConfig(model=args.model, weights=args.weights, device=args.device, dtype=args.dtype,
-                        allow_private_urls=args.allow_private_urls, batch_size=max(1, args.batch_size),
+                        runtime=args.runtime, allow_private_urls=args.allow_private_urls,
+                        batch_size=max(1, args.batch_size),
                         max_batch=args.max_batch, compile=args.compile,
                         resolution=args.size, max_video_seconds=args.max_video_seconds or None,
                         backend=args.backend, max_memory=args.max_memory)

@@ -2,7 +2,8 @@
 
     python bench/bench.py [--images A.jpg B.jpg ...] [--weights model.safetensors] [--device cpu|cuda]
                           [--runs 3] [--size 1024] [--concurrent 8] [--compile] [--profile] [--no-append]
-    python bench/bench.py --cli [--runs 3]       # whole commands, model loading included
+    python bench/bench.py --cli [--runs 3] [--runtimes openvino:float32 openvino:bfloat16]
+                                                 # whole commands, model loading included
 
 (a) "card": the model card's code, per image, float32, PIL/torchvision transforms,
     `torch.set_float32_matmul_precision('high')`, on our BiRefNet.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import resource
 import statistics
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_card  # noqa: E402
 from common import OUT, ROOT, device_name, fixture_network, fixture_weights_file, sync  # noqa: E402
 from common import report as write_report  # noqa: E402
+from runtimes import cpu_model  # noqa: E402
 
 from rmbg_demo import load_model  # noqa: E402
 from rmbg_demo.pipeline import RemovalPipeline  # noqa: E402
@@ -141,17 +144,31 @@ def cli_benchmark(args) -> str:
 
     weights = Path(args.weights) if args.weights else fixture_weights_file(args.model)
     images = [str(p) for p in args.images]
-    def ours(dtype: str) -> list[str]:
-        return [sys.executable, "-m", "rmbg_demo", "remove", *images, "-o", str(args_out_dir / f"cli-{dtype}"),
+    def ours(dtype: str, runtime: str = "auto") -> list[str]:
+        out = args_out_dir / f"cli-{runtime}-{dtype}"
+        return [sys.executable, "-m", "rmbg_demo", "remove", *images, "-o", str(out),
                 "--model", args.model, "--weights", str(weights), "--overwrite", "-q", "--device", args.device,
-                "--dtype", dtype]
+                "--dtype", dtype, "--runtime", runtime]
 
     # (label, output folder, command); a --dtype other than auto runs beside ours at auto, for the ratio
     commands = [("model card snippet", "card", [sys.executable, str(ROOT / "bench" / "model_card.py"), str(weights),
                                                  str(args_out_dir / "card")] + images),
-                ("rmbg remove (ours)", "cli-auto", ours("auto"))]
+                ("rmbg remove (ours)", "cli-auto-auto", ours("auto"))]
     if args.dtype != "auto":
-        commands.append((f"rmbg remove --dtype {args.dtype} (ours)", f"cli-{args.dtype}", ours(args.dtype)))
+        commands.append((f"rmbg remove --dtype {args.dtype} (ours)", f"cli-auto-{args.dtype}", ours(args.dtype)))
+    for choice in args.runtimes or ():
+        runtime, _, dtype = choice.partition(":")
+        commands.append((f"rmbg remove --runtime {runtime} --dtype {dtype or 'auto'} (ours)",
+                         f"cli-{runtime}-{dtype or 'auto'}", ours(dtype or "auto", runtime)))
+    first_starts = []
+    for name, _, command in commands[1:]:
+        # One start of each of ours first, untimed in the table: a runtime that converts or compiles (OpenVINO)
+        # fills its cache there, as a user's first start does; later starts are what the table compares.
+        started = time.perf_counter()
+        run = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
+        model_line = next((line for line in run.stderr.splitlines() if line.startswith("model: ")), "")
+        first_starts.append(f"- first start of {name}: {time.perf_counter() - started:.0f} s, not in the table; "
+                            f"{model_line}")
     (args_out_dir / "card").mkdir(parents=True, exist_ok=True)
     times = {name: [] for name, _, _ in commands}
     for _ in range(args.runs):  # interleaved runs, so all see the same machine state
@@ -174,6 +191,7 @@ def cli_benchmark(args) -> str:
         f"## {datetime.date.today()} CLI end to end, {args.model} on {args.device} "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         f"- command: `python bench/bench.py {' '.join(sys.argv[1:])}`",
+        f"- CPU: {cpu_model()}; load average {os.getloadavg()[0]:.1f} at the end (a shared machine)",
         f"- torch {torch.__version__}, Python {platform.python_version()}; weights: "
         f"{'file' if args.weights else 'parity fixture saved as .safetensors'}; "
         f"images: {', '.join(p.name for p in args.images)}",
@@ -183,6 +201,7 @@ def cli_benchmark(args) -> str:
         rows,
         "",
         speedups,
+        *first_starts,
         "",
     ])
 
@@ -196,6 +215,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--runtimes", nargs="+", metavar="RUNTIME[:DTYPE]",
+                        help="with --cli, also time `rmbg remove --runtime RUNTIME --dtype DTYPE` (openvino:float32)")
     parser.add_argument("--runs", type=int, default=3, help="passes over the images for each side")
     parser.add_argument("--concurrent", type=int, metavar="N",
                         help="also time N concurrent requests sharing network batches (default: 8 on CUDA, 0 on CPU)")

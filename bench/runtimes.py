@@ -1,4 +1,5 @@
-"""CPU runtimes for RMBG-2.0 side by side: PyTorch float32 / bfloat16 / int8, ONNX Runtime float32 / int8, sizes.
+"""CPU runtimes for RMBG-2.0 side by side: PyTorch float32 / bfloat16 / int8, ONNX Runtime float32 / int8,
+OpenVINO f32 / bf16 / int8, sizes.
 
     python bench/runtimes.py [--images A.jpg B.jpg ...] [--weights model.safetensors] [--runs 1]
                              [--sizes 1024 768 512] [--only NAME ...] [--no-append]
@@ -11,6 +12,8 @@ against what a user of the card runs. Without --weights the network gets the par
 deterministic weights: speed does not depend on weight values; mask differences do a little.
 --model birefnet-lite --size 256 --sizes 256 makes a quick trial run.
 ONNX files are exported (and checked) into bench/out/ first; export time and size are reported.
+OpenVINO rows convert the PyTorch network (cached under ~/.cache/rmbg-demo/openvino; conversion,
+quantization and compile times are reported, and are not in the per-photo times).
 Results are printed and appended to bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -119,6 +122,17 @@ def ort_int8_file(fp32_path: Path, exports: dict) -> Path:
     return path
 
 
+def openvino_engine(name, network, precision: str, size: int, label: str, exports: dict):
+    """The OpenVINO engine as `--runtime openvino` builds it from a PyTorch network; its set-up time reported."""
+    from rmbg_demo.engines.ov import openvino_from_torch
+    from rmbg_demo.models import get_spec
+
+    started = time.perf_counter()
+    engine = openvino_from_torch(get_spec(name), network=network, precision=precision, input_size=(size, size))
+    exports[label] = f"set-up {time.perf_counter() - started:.0f} s (convert, quantize, compile: first run only)"
+    return engine
+
+
 def configurations(args, network, exports):
     """(label, size, factory) in run order; factories build lazily, so a failure costs only its row."""
     from rmbg_demo.engines.ort import OnnxEngine
@@ -144,12 +158,19 @@ def configurations(args, network, exports):
             ("onnxruntime float32", base, lambda: OnnxEngine(onnx_file(name, network, base, "onnxruntime float32",
                                                                        exports))),
             ("onnxruntime int8", base, lambda: OnnxEngine(ort_int8_file(OUT / f"{name}-{base}.onnx", exports)))]
+    for precision in ("f32", "bf16", "int8"):
+        label = f"OpenVINO {precision}"
+        rows.append((label, base, lambda precision=precision, label=label: openvino_engine(
+            name, network, precision, base, label, exports)))
     for size in args.sizes:
         if size != base:
             if fast_bf16:
                 rows.append((f"PyTorch bfloat16 at {size}", size, bf16))
             else:
                 rows.append((f"PyTorch float32 at {size}", size, lambda: torch_runner(network, torch.float32)))
+            label = f"OpenVINO f32 at {size}"
+            rows.append((label, size, lambda size=size, label=label: openvino_engine(
+                name, network, "f32", size, label, exports)))
             label = f"onnxruntime float32 at {size}"
             rows.append((label, size, lambda size=size, label=label: OnnxEngine(
                 onnx_file(name, network, size, label, exports))))
@@ -248,6 +269,26 @@ def verdict(rows) -> str:
             + (f"; the fastest within 4/255: {best['label']} at {best['speedup']:.2f}x" if best else ""))
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 support, as lscpu says."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    extras = [flag for flag in ("avx512_bf16", "amx_bf16") if f" {flag}" in flags] or ["no native bf16"]
+    return f"{name} ({', '.join(extras)})"
+
+
+def openvino_version() -> str:
+    try:
+        import openvino
+    except ImportError:
+        return "not installed"
+    return openvino.__version__.split("-")[0]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", nargs="+", type=Path, default=DEFAULT_IMAGES)
@@ -271,7 +312,8 @@ def main(argv=None) -> None:
         (f"## {datetime.date.today()} CPU runtimes for {args.model} (x86_64, {os.cpu_count()} cores, "
          f"{torch.get_num_threads()} torch threads)"),
         f"- command: `python bench/runtimes.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
-        (f"- torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, Python "
+        (f"- CPU: {cpu_model()}; torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
+         f"openvino {openvino_version()}, Python "
          f"{platform.python_version()}; weights: {'file' if args.weights else 'parity fixture'}; images: "
          f"{', '.join(p.name for p in args.images)}; time per photo = preprocess + network + mask resize"),
         (f"- load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after ({minutes:.0f} min; this "

@@ -11,8 +11,13 @@
    RMBG-2.0's network with the parity fixture's deterministic weights at a small input size, with each
    stage's busy time, plus output sizes next to the input's.
 
-    python bench/video.py                  # both; prints and appends to bench/RESULTS.md
+3. Runtimes (--only runtimes): frames/s of the embedded u2netp on a --runtime-size clip (default 480x320)
+   through ONNX Runtime and OpenVINO f32 / bf16 / int8, each frame's mask (alpha >= 0.5) compared with
+   ONNX Runtime float32's by IoU (worst frame and mean).
+
+    python bench/video.py                  # smooth and speed; prints and appends to bench/RESULTS.md
     python bench/video.py --only smooth --no-append
+    python bench/video.py --only runtimes --frames 48
 """
 from __future__ import annotations
 
@@ -30,9 +35,10 @@ import torch
 from PIL import Image, ImageFilter
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "fixtures" / "rmbg2")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT / "tests" / "fixtures" / "rmbg2")]
 
 import av  # noqa: E402
+from runtimes import cpu_model  # noqa: E402
 from test_video import moving_subject, write_clip  # noqa: E402
 
 from rmbg_demo.pipeline import RemovalPipeline  # noqa: E402
@@ -140,9 +146,47 @@ def speed_table(results: dict[str, dict], clip: Path) -> list[str]:
     return lines
 
 
+# (label, --runtime, --dtype): the float32 reference first
+RUNTIMES = [("onnxruntime float32", "onnxruntime", "float32"), ("OpenVINO f32", "openvino", "float32"),
+            ("OpenVINO bf16", "openvino", "bfloat16"), ("OpenVINO int8", "openvino", "int8")]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def measure_runtimes(folder: Path, args) -> list[str]:
+    """u2netp through each runtime on one clip, timed whole (decode, network, PNG frames), masks vs float32's."""
+    images, _ = moving_subject(args.runtime_size, args.frames, noise=args.noise, jitter=args.jitter)
+    clip = write_clip(folder / "runtimes.mp4", images, audio=False, crf=args.crf)
+    lines = ["| u2netp runtime | frames/s (median) | runs s | IoU vs float32: worst frame, mean | |",
+             "|---|---|---|---|---|"]
+    reference = None
+    for label, runtime, dtype in RUNTIMES:
+        try:
+            pipeline = RemovalPipeline("u2netp", runtime=runtime, dtype=dtype)
+        except ValueError as exc:  # not installed, or no native bf16: a result too
+            lines.append(f"| {label} | did not run: {exc} | | | |")
+            continue
+        walls = []
+        for run in range(args.runs):
+            out = folder / f"{runtime}-{dtype}-{run}"
+            walls.append(remove_video(pipeline, clip, out, fmt="png", batch_size=args.batch_size).seconds)
+        masks = [alpha >= 0.5 for alpha in alpha_frames(out / clip.stem)]
+        reference = reference or masks
+        ious = [iou(a, b) for a, b in zip(masks, reference)]
+        fps = len(masks) / statistics.median(walls)
+        verdict = "meets 5 frames/s at IoU >= 0.98" if fps >= 5 and min(ious) >= 0.98 else ""
+        lines.append(f"| {label} | {fps:.2f} | {', '.join(f'{w:.1f}' for w in walls)} | {min(ious):.4f}, "
+                     f"{np.mean(ious):.4f} | {verdict} |")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["smooth", "speed"])
+    parser.add_argument("--only", choices=["smooth", "speed", "runtimes"])
+    parser.add_argument("--runtime-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(480, 320),
+                        help="WIDTHxHEIGHT of the runtimes clip")
     parser.add_argument("--size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(320, 240),
                         help="WIDTHxHEIGHT of the synthetic clips")
     parser.add_argument("--frames", type=int, default=24)
@@ -170,6 +214,11 @@ def main():
     u2netp = RemovalPipeline("u2netp")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        if args.only == "runtimes":
+            lines += ["", (f"u2netp per runtime, {args.runtime_size[0]}x{args.runtime_size[1]} clip, "
+                           f"{args.frames} frames, PNG frames out, batch {args.batch_size}, {args.runs} runs; "
+                           f"CPU: {cpu_model()}:"), ""]
+            lines += measure_runtimes(folder, args)
         if args.only in (None, "smooth"):
             rows = measure_smoothing(u2netp, folder, args)
             lines += ["", "Steady edges (u2netp), means over clips:", ""] + smoothing_table(rows)

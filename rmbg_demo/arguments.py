@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from .engines import DTYPE_CHOICES
+from .engines import DTYPE_CHOICES, OPENVINO_MEASURED_ERRORS, RUNTIME_CHOICES
 from .models import model_names
 from .request import parse_network_size
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool = False) -> None:
-    """--model, --weights, --device, --dtype. With `repeatable`, --model may be given several times."""
+    """--model, --weights, --device, --dtype, --runtime. With `repeatable`, --model may be given several times."""
     if repeatable:
         parser.add_argument("--model", action="append", required=True, choices=model_names(),
                             help="repeat to compare models")
@@ -24,6 +24,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool = F
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_CHOICES],
                         help="auto: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32; int8: the "
                              "Linear layers in int8 on the CPU (faster, masks within a few 255ths: see the README)")
+    parser.add_argument("--runtime", default="auto", choices=["auto", *RUNTIME_CHOICES],
+                        help="what runs the network. auto: the fastest keeping masks within 2/255 of float32 "
+                             "(PyTorch networks: OpenVINO f32 when installed, PyTorch bfloat16 on CPUs with AMX; "
+                             "ONNX graphs: ONNX Runtime). openvino (CPU; pip install 'rmbg-demo[openvino]'): "
+                             "--dtype float32 is exact; bfloat16 and int8 (NNCF) move masks, measured vs float32: "
+                             + "; ".join(f"{model} {precision} up to {error}/255" for (model, precision), error
+                                         in OPENVINO_MEASURED_ERRORS.items()) + " (bench/RESULTS.md)")
 
 
 def size_argument(text: str):

@@ -273,7 +273,8 @@ def open_pipeline(model: str, weights, run: BatchRun, size):
 
     try:
         pipeline = RemovalPipeline(model, weights, run.device, run.dtype, batch_size=run.batch_size,
-                                   max_pixels=run.max_pixels, compile=run.compile, input_size=size)
+                                   max_pixels=run.max_pixels, compile=run.compile, input_size=size,
+                                   runtime=run.runtime)
     except (WeightsError, ValueError, RuntimeError) as exc:  # RuntimeError: a device torch cannot use
         print(f"error: {exc}", file=sys.stderr)
         return None
@@ -384,7 +385,7 @@ def run_eval(args) -> int:
     from .evaluation import evaluate, markdown_table, write_csv
 
     report = evaluate(args.images_dir, args.masks_dir, args.model, device=args.device, dtype=args.dtype,
-                      weights=args.weights, input_size=args.size,
+                      runtime=args.runtime, weights=args.weights, input_size=args.size,
                       progress=lambda items, **kw: tqdm(items, file=sys.stderr, **kw))
     for path in report.unmatched_images:
         print(f"unmatched image (no mask with its name): {path}", file=sys.stderr)
@@ -410,7 +411,8 @@ def run_make_benchmark(args) -> int:
 def run_compare(args) -> int:
     from .evaluation import compare_collage
 
-    collage = compare_collage(args.images, args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+    collage = compare_collage(args.images, args.model, device=args.device, dtype=args.dtype, weights=args.weights,
+                              runtime=args.runtime)
     write_atomic(encode_image(collage, "png"), args.output, overwrite=True)
     print(f"collage written to {args.output}", file=sys.stderr)
     return 0
@@ -438,6 +440,10 @@ def run_serve(args) -> int:
     from .service.access import load_api_keys, open_host_warning, parse_rate_limit
     from .service.settings import ServeSettings
 
+    if args.runtime != "auto":  # ServeSettings has no runtime field yet: say so rather than ignore the flag
+        print("error: rmbg serve runs --runtime auto for now (the service does not pass a runtime to its pool "
+              "yet)", file=sys.stderr)
+        return 2
     try:
         keys = load_api_keys(args.api_key, args.api_keys)
         rate_limit = parse_rate_limit(args.rate_limit)

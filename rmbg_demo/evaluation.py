@@ -89,7 +89,8 @@ class EvalReport:
 
 
 def evaluate(images_dir, masks_dir, models: list[str], *, device="auto", dtype="auto", weights=None,
-             progress=None, batch_size: int = 1, input_size: tuple[int, int] | None = None) -> EvalReport:
+             progress=None, batch_size: int = 1, input_size: tuple[int, int] | None = None,
+             runtime: str = "auto") -> EvalReport:
     """Each model's masks for the images that have a true mask, scored per image and over the set.
     An image that cannot be read (or a failed batch) is listed in `report.errors`, not scored.
     `weights`: a file for the model, when there is one (ValueError with several: which model's?)."""
@@ -100,7 +101,8 @@ def evaluate(images_dir, masks_dir, models: list[str], *, device="auto", dtype="
     pairs, lonely_images, lonely_masks = match_pairs(images_dir, masks_dir)
     report = EvalReport(unmatched_images=lonely_images, unmatched_masks=lonely_masks)
     for model in models:
-        pipeline = RemovalPipeline(model, weights, device, dtype, batch_size=batch_size, input_size=input_size)
+        pipeline = RemovalPipeline(model, weights, device, dtype, batch_size=batch_size, input_size=input_size,
+                                   runtime=runtime)
         dataset, seconds = MetricSet(), []
         outcomes = pipeline.iter_results(image for image, _ in pairs)
         if progress:
@@ -183,14 +185,14 @@ def checkerboard(size: tuple[int, int], square: int = 16) -> Image.Image:
 
 
 def compare_collage(images, models: list[str], *, cell: int = 320, device="auto", dtype="auto",
-                    weights=None) -> Image.Image:
+                    weights=None, runtime: str = "auto") -> Image.Image:
     """A labelled grid: one row per image, the input then each model's cut-out on a checkerboard.
     `weights`: a file for the model, when there is one."""
     from .pool import get_pipeline
 
     if weights is not None and len(models) != 1:
         raise ValueError("weights are for one model")
-    pipelines = [get_pipeline(m, weights, device=device, dtype=dtype) for m in models]
+    pipelines = [get_pipeline(m, weights, device=device, dtype=dtype, runtime=runtime) for m in models]
     label_height = 28
     columns = ["input", *[p.model_name for p in pipelines]]
     grid = Image.new("RGB", (cell * len(columns), label_height + cell * len(images)), "white")

@@ -37,6 +37,7 @@ class BatchRun:
     weights: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    runtime: str = "auto"
     compile: str | None = None
     # clips among the inputs
     video_format: str = "webm"
@@ -66,6 +67,7 @@ class BatchRun:
                    recursive=args.recursive, overwrite=args.overwrite, quiet=args.quiet, manifest=args.manifest,
                    batch_size=max(1, args.batch_size), max_pixels=args.max_pixels,
                    weights=str(args.weights) if args.weights else None, device=args.device, dtype=args.dtype,
+                   runtime=args.runtime,
                    compile=args.compile, video_format=args.video_format, smooth=args.smooth,
                    max_video_seconds=args.max_video_seconds, review_below=args.review_below,
                    escalate_to=args.escalate_to, escalate_below=args.escalate_below,

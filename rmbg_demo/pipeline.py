@@ -156,18 +156,20 @@ class RemovalPipeline:
     `rmbg_demo.engines.build_engine`). `batch_requests` > 1: concurrent calls (a server's
     users) share network batches of up to that many images. `compile`: a `torch.compile`
     backend, warmed up for every batch size before the first image. `input_size` (H, W):
-    the network's resolution, default the model's own.
+    the network's resolution, default the model's own. `runtime`: torch, onnxruntime, openvino
+    or auto (`rmbg_demo.engines.runtime_for`).
     """
 
     def __init__(self, model: str | None = "auto", weights=None, device="auto", dtype="auto", batch_size: int = 1,
                  max_pixels: int = DEFAULT_MAX_PIXELS, input_size: tuple[int, int] | None = None, network=None,
-                 batch_requests: int = 1, compile: str | None = None, engine: Engine | None = None):
+                 batch_requests: int = 1, compile: str | None = None, engine: Engine | None = None,
+                 runtime: str = "auto"):
         started = time.perf_counter()
         self.batch_size = max(1, int(batch_size))
         chosen = choose_model(model, weights)
         if engine is None:
             engine = build_engine(chosen, weights, device, dtype, network=network, input_size=input_size,
-                                  compile=compile, max_batch=max(self.batch_size, batch_requests))
+                                  compile=compile, max_batch=max(self.batch_size, batch_requests), runtime=runtime)
             if batch_requests > 1:
                 engine = RequestBatcher(engine, batch_requests)
         self.engine = engine

@@ -37,6 +37,7 @@ class PoolSettings:
     weights: str | None = None  # for the default model
     device: str = "auto"
     dtype: str = "auto"
+    runtime: str = "auto"  # torch, onnxruntime, openvino or auto (rmbg_demo.engines.runtime_for)
     compile: str | None = None  # a torch.compile backend, for torch models
     batch_size: int = 1  # images per network batch of one request (a batch of files, a clip's frames)
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -122,7 +123,7 @@ class ModelPool:
         batch = settings.requests_per_batch()
         engine = build_engine(spec, settings.weights if name == self.default else None, settings.device,
                               settings.dtype, compile=compile_backend, max_batch=max(settings.batch_size, batch),
-                              backend=settings.backend)
+                              backend=settings.backend, runtime=settings.runtime)
         if settings.zerogpu and not settings.backend:
             engine = ZeroGpuEngine(engine, zerogpu_decorator())
         return RequestBatcher(engine, batch) if batch > 1 else engine
@@ -148,14 +149,15 @@ _SHARED_LOCK = threading.Lock()
 
 
 def get_pipeline(model: str | None = "auto", weights=None, device="auto", dtype="auto", *,
-                 size: tuple[int, int] | None = None) -> RemovalPipeline:
-    """A pipeline for (model, size) from a process-wide pool per (weights, device, dtype): built once, reused."""
+                 size: tuple[int, int] | None = None, runtime: str = "auto") -> RemovalPipeline:
+    """A pipeline for (model, size) from a process-wide pool per (weights, device, dtype, runtime): built once,
+    reused."""
     name = choose_model(model, weights)
-    key = (str(weights) if weights else None, str(device), str(dtype))
+    key = (str(weights) if weights else None, str(device), str(dtype), str(runtime))
     with _SHARED_LOCK:
         if key not in _SHARED:
             _SHARED[key] = ModelPool(PoolSettings(model=name, weights=key[0], device=device, dtype=dtype,
-                                                  request_batch=1, zerogpu=False), load_default=False)
+                                                  runtime=runtime, request_batch=1, zerogpu=False), load_default=False)
     return _SHARED[key].pipeline(name, size)
 
 

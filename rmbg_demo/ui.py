@@ -59,6 +59,7 @@ class DemoConfig:
     weights: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    runtime: str = "auto"  # torch, onnxruntime, openvino or auto (rmbg_demo.engines.runtime_for)
     allow_private_urls: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_size: int = 4  # images per network batch in the Batch tab
@@ -76,7 +77,8 @@ class DemoConfig:
 
     def pool_settings(self) -> PoolSettings:
         return PoolSettings(model=self.model, weights=self.weights, device=self.device, dtype=self.dtype,
-                            compile=self.compile, batch_size=self.batch_size, max_pixels=self.max_pixels,
+                            runtime=self.runtime, compile=self.compile, batch_size=self.batch_size,
+                            max_pixels=self.max_pixels,
                             request_batch=self.max_batch, backend=self.backend, zerogpu=self.zerogpu)
 
     def request_batch(self) -> int:

@@ -13,7 +13,7 @@ def hermetic_process():
     with pytest.MonkeyPatch.context() as patch:
         for name in LEAKY_VARIABLES:
             patch.delenv(name, raising=False)
-        for name in ("HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_DISABLE_TELEMETRY"):
+        for name in ("HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_DISABLE_TELEMETRY", "RMBG_OPENVINO_CACHE"):
             patch.setenv(name, environment[name])
         yield
 

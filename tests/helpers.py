@@ -38,6 +38,11 @@ LEAKY_VARIABLES = ("RMBG_WEIGHTS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB
                    "HF_HUB_CACHE")
 
 
+# One OpenVINO cache for a test session and the processes it starts (a network is converted once), not the
+# developer's.
+OPENVINO_CACHE = tempfile.mkdtemp(prefix="openvino-cache-")
+
+
 def fixture_model(name: str) -> torch.nn.Module:
     """`name`'s network with the parity fixture's deterministic weights (no download)."""
     model = build_model(name)
@@ -173,6 +178,7 @@ def hermetic_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LEAKY_VARIABLES}
     # HF_HOME too: huggingface_hub reads a stored token from $HF_HOME/token (~/.cache/huggingface).
     env.update({"HF_HOME": tempfile.mkdtemp(prefix="hf-home-"), "HF_HUB_CACHE": tempfile.mkdtemp(prefix="hf-cache-"),
+                "RMBG_OPENVINO_CACHE": OPENVINO_CACHE,
                 "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_ENDPOINT": CLOSED_HUB})
     env.update(extra)
     return env

@@ -28,10 +28,10 @@ import torch
 from PIL import Image
 
 from .. import storage
-from ..engines import build_engine, runtime_for
+from ..engines import build_engine, is_exported_file, runtime_for
 from ..imageio import ImageDecodeError
 from ..manifest import ManifestRecord, ManifestWriter
-from ..models import get_spec
+from ..models import Runtime, get_spec
 from ..outputs import BatchRun, Plan, plan_outputs, skipped_record
 from ..pipeline import BATCH_ERRORS, Processor, network_size_for, resolve_model
 from ..request import NetworkSize, RemovalOptions, encoded_outputs
@@ -70,19 +70,20 @@ def tasks_of(plan: Plan) -> list[dict]:
              "first_confidence": float("nan")} for job in plan.jobs]
 
 
-def resolve_model_size(model: str | None, weights, size) -> tuple[str, NetworkSize]:
+def resolve_model_size(model: str | None, weights, size, runtime: str = "auto") -> tuple[str, NetworkSize]:
     """The model and network size a pass runs at, decided as the plain CLI's pipeline decides them. An ONNX
     engine is opened here to read what it says (an export's model and size, a fixed size); a PyTorch network
-    is not loaded on the driver."""
+    is not loaded on the driver. A runtime that cannot run the model is refused here, not in every actor."""
     chosen, engine = resolve_model(model, weights), None  # resolved once: choose_model logs its pick
-    if runtime_for(get_spec(chosen), weights) == "onnxruntime":
+    runtime_for(get_spec(chosen), weights, runtime=runtime, device="cpu")
+    if is_exported_file(weights) or get_spec(chosen).runtime is Runtime.ONNX:
         engine = build_engine(chosen, weights, "cpu", input_size=size)
         chosen = resolve_model(model, weights, engine, chosen)
     return chosen, network_size_for(get_spec(chosen), size, engine)
 
 
 def resolve_request(options: RemovalOptions, run: BatchRun) -> tuple[str, NetworkSize]:
-    return resolve_model_size(options.model, run.weights, options.size)
+    return resolve_model_size(options.model, run.weights, options.size, run.runtime)
 
 
 # -- stages (module-level functions and a class: Ray ships them to the workers by reference) --------------
@@ -147,7 +148,7 @@ class NetworkStage:
     def __init__(self, model: str, size: tuple[int, int], weights, run: BatchRun):
         self.model, self.size = model, tuple(size)
         self.engine = build_engine(model, weights, run.device, run.dtype, input_size=self.size,
-                                   compile=run.compile, max_batch=run.batch_size)
+                                   compile=run.compile, max_batch=run.batch_size, runtime=run.runtime)
 
     def __call__(self, batch: dict) -> dict:
         ok = [i for i, error in enumerate(batch["error"]) if not error]
@@ -332,7 +333,7 @@ def run_ray_job(run: BatchRun, options: RemovalOptions, ray_settings: RaySetting
         import_ray()  # a missing extra is said first
         model, size = resolve_request(options, run)
         run.check_cascade(model)
-        second = resolve_model_size(run.escalate_to, run.escalate_weights, run.escalate_size) \
+        second = resolve_model_size(run.escalate_to, run.escalate_weights, run.escalate_size, run.runtime) \
             if run.escalate_to else None
         parse_workers(ray_settings.workers, 0)  # a bad --workers fails before anything starts
         plan = plan_outputs(run, options)

@@ -29,7 +29,7 @@ class OnnxModelError(ValueError):
     """The file is not a usable ONNX model for this engine; the message says why."""
 
 
-def _what_it_is(path: Path) -> str:
+def what_it_is(path: Path) -> str:
     """Why ONNX Runtime could not parse `path`, as well as the first bytes can tell."""
     with open(path, "rb") as handle:
         head = handle.read(16)
@@ -58,6 +58,50 @@ def _dim(value) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+# -- what an ONNX file's metadata and input shape say (shared with the OpenVINO engine) -------------------
+def network_sizes(path: Path, metadata: dict, graph_size: tuple, asked) -> tuple:
+    """(input_size, fixed_size) of a graph whose input is (B, 3, *graph_size) (None: a dynamic side):
+    the size asked, else our export's metadata, else the graph's own fixed size; fixed_size is the
+    (H, W) the graph can only run at, or None. A size the graph cannot take is refused."""
+    fixed_size = None if None in graph_size else tuple(graph_size)
+    from_metadata = tuple(int(metadata[k]) for k in ("input_height", "input_width")) \
+        if "input_height" in metadata and "input_width" in metadata else None
+    size = tuple(asked) if asked is not None else from_metadata
+    if size is None and fixed_size:
+        size = fixed_size
+    for side, fixed in zip(size or (), graph_size):
+        if fixed is not None and side != fixed:
+            raise OnnxModelError(f"{path} takes a fixed {graph_size[1]}x{graph_size[0]} (WxH) "
+                                 f"input; {size[1]}x{size[0]} was asked for (export it again at that size)")
+    return (tuple(int(s) for s in size) if size is not None else None), fixed_size
+
+
+def metadata_numbers(path: Path, metadata: dict, key: str) -> tuple[float, ...] | None:
+    if key not in metadata:
+        return None
+    try:
+        values = tuple(float(v) for v in metadata[key].split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise OnnxModelError(f"{path}: metadata {key}={metadata[key]!r} is not three numbers")
+    return values
+
+
+def guess_activation(path: Path, output_name: str) -> str:
+    """No metadata: a map made by a Sigmoid node is already a probability ("minmax", as rembg
+    treats U\u00b2-Net files); anything else is taken for logits. Needs the `onnx` package to see."""
+    try:
+        import onnx
+    except ImportError:
+        log.warning("%s has no activation metadata and onnx is not installed to inspect it: assuming "
+                    "probabilities ('minmax'); pass activation= to be sure", path.name)
+        return "minmax"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = next((node.op_type for node in graph.node if output_name in node.output), None)
+    return "minmax" if producer == "Sigmoid" else "sigmoid"
+
+
 class OnnxEngine:
     """An ONNX file run by ONNX Runtime, with the engine contract of `rmbg_demo.engines`.
 
@@ -82,7 +126,7 @@ class OnnxEngine:
         self._check_outputs(output_index)
         self._check_input(input_size)
         self.activation = Activation(activation or self.metadata.get("activation") or self._guess_activation())
-        self.mean, self.std = (self._metadata_numbers(key) for key in ("mean", "std"))
+        self.mean, self.std = (metadata_numbers(self.path, self.metadata, key) for key in ("mean", "std"))
         self.exported_as = self.metadata.get("model")  # our export's metadata names its model
         self.model_name = self.exported_as or model_name
         self.providers = self.session.get_providers()
@@ -104,7 +148,7 @@ class OnnxEngine:
         try:
             return ort.InferenceSession(str(self.path), options, providers=_providers(self.requested_device))
         except Exception as exc:  # onnxruntime raises its own exception types for every load failure
-            reason = _what_it_is(self.path) if "Protobuf parsing failed" in str(exc) or not self.path.stat().st_size \
+            reason = what_it_is(self.path) if "Protobuf parsing failed" in str(exc) or not self.path.stat().st_size \
                 else str(exc).split(" failed:")[-1].strip()
             raise OnnxModelError(f"cannot load {self.path}: {reason}") from exc
 
@@ -131,42 +175,10 @@ class OnnxEngine:
         self.dtype = "float16" if self.input_dtype is np.float16 else "float32"
         self.fixed_batch = _dim(spec.shape[0])
         self.graph_size = (_dim(spec.shape[2]), _dim(spec.shape[3]))
-        # The engine contract's fixed_size: the (H, W) this graph can only run at, if any.
-        self.fixed_size = None if None in self.graph_size else self.graph_size
-        from_metadata = tuple(int(self.metadata[k]) for k in ("input_height", "input_width")) \
-            if "input_height" in self.metadata and "input_width" in self.metadata else None
-        size = tuple(input_size) if input_size is not None else from_metadata
-        if size is None and self.fixed_size:
-            size = self.fixed_size
-        for side, fixed in zip(size or (), self.graph_size):
-            if fixed is not None and side != fixed:
-                raise OnnxModelError(f"{self.path} takes a fixed {self.graph_size[1]}x{self.graph_size[0]} (WxH) "
-                                     f"input; {size[1]}x{size[0]} was asked for (export it again at that size)")
-        self.input_size = tuple(int(s) for s in size) if size is not None else None
-
-    def _metadata_numbers(self, key: str) -> tuple[float, ...] | None:
-        if key not in self.metadata:
-            return None
-        try:
-            values = tuple(float(v) for v in self.metadata[key].split(","))
-        except ValueError:
-            values = ()
-        if len(values) != 3:
-            raise OnnxModelError(f"{self.path}: metadata {key}={self.metadata[key]!r} is not three numbers")
-        return values
+        self.input_size, self.fixed_size = network_sizes(self.path, self.metadata, self.graph_size, input_size)
 
     def _guess_activation(self) -> str:
-        """No metadata: a map made by a Sigmoid node is already a probability ("minmax", as rembg
-        treats U\u00b2-Net files); anything else is taken for logits. Needs the `onnx` package to see."""
-        try:
-            import onnx
-        except ImportError:
-            log.warning("%s has no activation metadata and onnx is not installed to inspect it: assuming "
-                        "probabilities ('minmax'); pass activation= to be sure", self.path.name)
-            return "minmax"
-        graph = onnx.load(str(self.path), load_external_data=False).graph
-        producer = next((node.op_type for node in graph.node if self.output_name in node.output), None)
-        return "minmax" if producer == "Sigmoid" else "sigmoid"
+        return guess_activation(self.path, self.output_name)
 
     def _fallback_reason(self) -> str:
         import onnxruntime as ort

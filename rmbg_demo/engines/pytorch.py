@@ -41,6 +41,15 @@ def cpu_has_fast_bfloat16() -> bool:
         return False
 
 
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX tiles for bf16 (Intel Sapphire Rapids and later), as the kernel reports them."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in cpuinfo)
+    except OSError:  # not Linux: no way to tell without changing the process's state; assume none
+        return False
+
+
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """'auto': float16 on CUDA, bfloat16 on CPUs with native bf16, else float32.
 
