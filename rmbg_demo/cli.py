@@ -440,10 +440,6 @@ def run_serve(args) -> int:
     from .service.access import load_api_keys, open_host_warning, parse_rate_limit
     from .service.settings import ServeSettings
 
-    if args.runtime != "auto":  # ServeSettings has no runtime field yet: say so rather than ignore the flag
-        print("error: rmbg serve runs --runtime auto for now (the service does not pass a runtime to its pool "
-              "yet)", file=sys.stderr)
-        return 2
     try:
         keys = load_api_keys(args.api_key, args.api_keys)
         rate_limit = parse_rate_limit(args.rate_limit)
@@ -453,7 +449,8 @@ def run_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     settings = ServeSettings(model=args.model, weights=str(args.weights) if args.weights else None,
-                             device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_queued=args.max_queued,
+                             device=args.device, dtype=args.dtype, runtime=args.runtime, max_batch=args.max_batch,
+                             max_queued=args.max_queued,
                              max_bytes=int(args.max_upload_mb * 1024 * 1024),
                              allow_private_urls=args.allow_private_urls, max_memory=args.max_memory, api_keys=keys,
                              rate_limit=rate_limit)

@@ -115,22 +115,13 @@ def test_a_second_start_uses_the_caches_and_not_the_weights(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("name", ["birefnet-lite", "u2netp"])
 @pytest.mark.parametrize("amx", [True, False])
-def test_auto_never_picks_an_openvino_precision_outside_its_budget(name, amx, monkeypatch,
-                                                                   fixture_networks):
+def test_auto_never_picks_an_openvino_precision(name, amx, monkeypatch):
+    """auto keeps the model's own runtime whatever the CPU and precision: OpenVINO's first start (a conversion
+    and compile of minutes) is asked for with --runtime openvino, never sprung on a user."""
     monkeypatch.setattr("rmbg_demo.engines.cpu_has_amx", lambda: amx)
-    spec, size = get_spec(name), SIZE.get(name, (256, 256))
+    spec = get_spec(name)
     for dtype in ("auto", "float32", "bfloat16", "int8"):
-        runtime = auto_runtime(spec, None, "cpu", dtype)
-        if runtime != "openvino":
-            continue
-        network = None if spec.runtime is Runtime.ONNX else network_for(name, fixture_networks)
-        engine = build_engine(spec, network=network, dtype=dtype, runtime=runtime, input_size=size)
-        batch = inputs(name, size)
-        assert engine.precision == "f32"
-        assert mask_difference(engine(batch), reference_engine(name, fixture_networks)(batch)) <= 2
-    # Without AMX, PyTorch's float32 or AVX512 bfloat16 is the alternative: auto takes OpenVINO's exact f32.
-    if not amx and spec.runtime is Runtime.TORCH:
-        assert auto_runtime(spec, None, "cpu", "auto") == "openvino"
+        assert auto_runtime(spec, None, "cpu", dtype) == ("onnxruntime" if spec.runtime is Runtime.ONNX else "torch")
 
 
 def test_runtimes_that_cannot_run_a_model_say_what_can():

@@ -18,8 +18,8 @@ from .wrappers import RequestBatcher, ZeroGpuEngine, zerogpu_decorator
 
 __all__ = ["DTYPE_CHOICES", "ENGINE_BUILDERS", "Engine", "OPENVINO_MEASURED_ERRORS", "OnnxEngine", "OnnxModelError",
            "OpenVinoUnavailable", "RUNTIME_CHOICES", "RemoteEngine", "RequestBatcher", "TorchEngine", "ZeroGpuEngine",
-           "auto_runtime", "build_engine", "configure_torch", "is_exported_file", "pick_device", "pick_dtype",
-           "runtime_for", "zerogpu_decorator"]
+           "auto_runtime", "build_engine", "configure_torch", "cpu_has_amx", "is_exported_file", "pick_device",
+           "pick_dtype", "runtime_for", "zerogpu_decorator"]
 
 RUNTIME_CHOICES = ("torch", "onnxruntime", "openvino")
 
@@ -30,18 +30,12 @@ def is_exported_file(weights) -> bool:
 
 
 def auto_runtime(spec: ModelSpec, weights=None, device="auto", dtype="auto") -> str:
-    """The fastest runtime whose masks stay within 2/255 of float32 (figures: bench/RESULTS.md, README).
-
-    PyTorch networks on a CPU at `auto` precision: OpenVINO f32 when installed (exact; faster than PyTorch
-    float32 everywhere measured, and than PyTorch bfloat16 on AVX512-BF16 without AMX), except on CPUs with
-    AMX, where PyTorch bfloat16 (within 2/255) is faster still; OpenVINO's own bf16 moves masks too far to be
-    anyone's default. An explicit --dtype names PyTorch's precision, as it always has (OpenVINO's is asked
-    with --runtime openvino). ONNX graphs (u2netp, exports): ONNX Runtime, as fast as OpenVINO f32 and
-    without a compile at start. GPUs: the model's own runtime."""
-    native = "onnxruntime" if is_exported_file(weights) or spec.runtime is Runtime.ONNX else "torch"
-    if native != "torch" or pick_device(device).type != "cpu" or dtype != "auto" or cpu_has_amx():
-        return native
-    return "openvino" if openvino_available() else "torch"
+    """The runtime `auto` runs: the model's own (PyTorch networks on PyTorch, ONNX graphs and exports on ONNX
+    Runtime). OpenVINO is asked for with --runtime openvino, not picked: f32 is exact and measured faster than
+    PyTorch on CPUs without AMX (RMBG-2.0 at 1024: 58.6 s vs 76.8 s bf16 per photo on a Zen 4), but its first
+    start converts and compiles the network (582 s and 3.4 GB of cache for RMBG-2.0 there), far past the
+    start-up budget of a command, the page or a service; its bf16 moves masks too far to be a default."""
+    return "onnxruntime" if is_exported_file(weights) or spec.runtime is Runtime.ONNX else "torch"
 
 
 def runtime_for(spec: ModelSpec, weights=None, backend: str | None = None, runtime: str = "auto", device="auto",

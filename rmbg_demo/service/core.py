@@ -55,7 +55,8 @@ class Service:
     def __init__(self, settings: ServeSettings, *, request_batch: int | None = None):
         self.settings = settings
         self.pool = ModelPool(PoolSettings(model=settings.model, weights=settings.weights, device=settings.device,
-                                           dtype=settings.dtype, batch_size=settings.max_batch,
+                                           dtype=settings.dtype, runtime=settings.runtime,
+                                           batch_size=settings.max_batch,
                                            max_pixels=settings.max_pixels, request_batch=request_batch,
                                            zerogpu=False))
         self.default_model = self.pool.default

@@ -14,6 +14,7 @@ class ServeSettings:
     weights: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    runtime: str = "auto"  # torch, onnxruntime, openvino or auto (engines.runtime_for)
     max_batch: int = 8  # requests that share a network batch
     max_queued: int = 64  # requests waiting beyond those being served; more get 503
     max_bytes: int = 25 * 1024 * 1024
