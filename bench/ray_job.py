@@ -92,15 +92,6 @@ def fixture_weights(name: str, folder: Path) -> Path:
     return path
 
 
-def patch(colour, size) -> bytes:
-    width, height = size
-    pixels = np.full((height, width, 3), 128, np.uint8)
-    pixels[height // 4:height * 3 // 4, width // 4:width * 3 // 4] = colour
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def replica_peak_mib() -> float:
     """Peak resident memory (VmHWM) of the Serve replica processes on this machine."""
     peak = 0.0
@@ -118,6 +109,8 @@ def replica_peak_mib() -> float:
 def serve_load(clients: int, requests: int, max_batch: int) -> dict:
     import urllib.error
     import urllib.request
+
+    from serve import patch  # bench/serve.py's load test sends the same patches
 
     from rmbg_demo.cluster.runtime import connect
     from rmbg_demo.cluster.serve import start_service
