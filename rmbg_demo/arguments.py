@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .engines import DTYPE_CHOICES, OPENVINO_MEASURED_ERRORS, RUNTIME_CHOICES
-from .models import model_names
+from .models import get_spec, model_names
 from .request import parse_network_size
 
 
@@ -25,12 +25,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool = F
                         help="auto: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32; int8: the "
                              "Linear layers in int8 on the CPU (faster, masks within a few 255ths: see the README)")
     parser.add_argument("--runtime", default="auto", choices=["auto", *RUNTIME_CHOICES],
-                        help="what runs the network. auto: the model's own (PyTorch networks: PyTorch; ONNX graphs: "
-                             "ONNX Runtime). openvino (CPU; pip install 'rmbg-demo[openvino]'; the first start "
-                             "converts and compiles, minutes for RMBG-2.0, then cached): "
-                             "--dtype float32 is exact; bfloat16 and int8 (NNCF) move masks, measured vs float32: "
-                             + "; ".join(f"{model} {precision} up to {error}/255" for (model, precision), error
-                                         in OPENVINO_MEASURED_ERRORS.items()) + " (bench/RESULTS.md)")
+                        help="what runs the network. auto: OpenVINO bf16 for RMBG-2.0 where the openvino extra is "
+                             "installed and the CPU has native bf16 (its masks within 2/255 of float32), else the "
+                             "model's own (PyTorch networks: PyTorch; ONNX graphs: ONNX Runtime). openvino (CPU; "
+                             "pip install 'rmbg-demo[openvino]'; the first start converts and compiles, minutes for "
+                             "RMBG-2.0, then cached): --dtype float32 is exact; bfloat16 and int8 (NNCF) move masks, "
+                             "measured vs float32: "
+                             + "; ".join(measured_error(*key, error) for key, error in OPENVINO_MEASURED_ERRORS.items())
+                             + " (bench/RESULTS.md)")
+
+
+def measured_error(model: str, precision: str, source: str, error: int) -> str:
+    export = " from an rmbg export file" if source == "onnx" and get_spec(model).builder is not None else ""
+    return f"{model} {precision}{export} up to {error}/255"
 
 
 def size_argument(text: str):

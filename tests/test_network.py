@@ -178,3 +178,20 @@ def test_cpu_deformable_convolution_equals_torchvision(kernel):
     expected = deform_conv2d(x, offset, weight, padding=(kernel // 2, kernel // 2), mask=mask)
     ours = deform_conv2d_sampled(x, offset, weight, mask, kernel // 2)
     assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_for_conversion_the_network_uses_torchvisions_op_and_computes_the_same(lite_fixture_model):
+    """What OpenVINO's converter traces: torchvision's deform_conv2d (its DeformableConvolution) in place of the
+    sampled form, the same outputs, and the network as it was afterwards."""
+    from unittest import mock
+
+    from rmbg_demo.models import get_spec
+
+    image = parity.deterministic_input(256, 256)
+    with torch.no_grad():
+        sampled = lite_fixture_model(image)[-1]
+        with get_spec("birefnet-lite").for_conversion(lite_fixture_model) as network, \
+                mock.patch("rmbg_demo.models.birefnet.deform_conv2d_sampled", side_effect=AssertionError("sampled")):
+            converted = network(image)[-1]
+        again = lite_fixture_model(image)[-1]
+    assert torch.allclose(converted, sampled, atol=1e-3) and torch.equal(again, sampled)

@@ -11,7 +11,7 @@ from ..models import ModelSpec, Runtime, get_spec
 from .base import Engine
 from .ort import OnnxEngine, OnnxModelError
 from .ov import MEASURED_ERRORS as OPENVINO_MEASURED_ERRORS
-from .ov import OpenVinoUnavailable, openvino_available
+from .ov import OpenVinoUnavailable, auto_precision, openvino_available
 from .pytorch import DTYPE_CHOICES, TorchEngine, configure_torch, cpu_has_amx, pick_device, pick_dtype
 from .remote import RemoteEngine
 from .wrappers import RequestBatcher, ZeroGpuEngine, zerogpu_decorator
@@ -30,12 +30,17 @@ def is_exported_file(weights) -> bool:
 
 
 def auto_runtime(spec: ModelSpec, weights=None, device="auto", dtype="auto") -> str:
-    """The runtime `auto` runs: the model's own (PyTorch networks on PyTorch, ONNX graphs and exports on ONNX
-    Runtime). OpenVINO is asked for with --runtime openvino, not picked: f32 is exact and measured faster than
-    PyTorch on CPUs without AMX (RMBG-2.0 at 1024: 58.6 s vs 76.8 s bf16 per photo on a Zen 4), but its first
-    start converts and compiles the network (582 s and 3.4 GB of cache for RMBG-2.0 there), far past the
-    start-up budget of a command, the page or a service; its bf16 moves masks too far to be a default."""
-    return "onnxruntime" if is_exported_file(weights) or spec.runtime is Runtime.ONNX else "torch"
+    """The runtime `auto` runs: the fastest measured whose masks stay within 2/255 of float32. That is OpenVINO
+    bf16 for a PyTorch network measured within that budget (RMBG-2.0 at 1024: 2.9x the model card end to end on
+    an AMX Xeon, bench/RESULTS.md), where the openvino extra is installed and the CPU has native bf16, asked at
+    --dtype auto or bfloat16 (`ov.auto_precision`); otherwise the model's own (PyTorch networks on PyTorch, ONNX
+    graphs and exports on ONNX Runtime). OpenVINO's first start converts the network, once: about two minutes
+    for RMBG-2.0 there, announced, then cached under ~/.cache/rmbg-demo/openvino."""
+    if is_exported_file(weights) or spec.runtime is Runtime.ONNX:
+        return "onnxruntime"
+    if dtype in (None, "auto", "bfloat16") and pick_device(device).type == "cpu" and auto_precision(spec) == "bf16":
+        return "openvino"
+    return "torch"
 
 
 def runtime_for(spec: ModelSpec, weights=None, backend: str | None = None, runtime: str = "auto", device="auto",
@@ -102,6 +107,8 @@ def _openvino_engine(spec: ModelSpec, weights, device, dtype, *, network, input_
     if dtype not in DTYPE_PRECISIONS:
         raise ValueError(f"--dtype {dtype} does not run on OpenVINO; choose one of {', '.join(DTYPE_PRECISIONS)}")
     precision = DTYPE_PRECISIONS[dtype]
+    if dtype == "auto" and not is_exported_file(weights) and spec.runtime is Runtime.TORCH:
+        precision = auto_precision(spec)
     if is_exported_file(weights) or (network is None and spec.runtime is Runtime.ONNX):
         from ..weights import resolve_weights
 

@@ -10,10 +10,13 @@ compiled models, so that it does not compile again either.
 Precisions: "f32" is exact (INFERENCE_PRECISION_HINT set to f32: on CPUs with bf16 OpenVINO would
 otherwise choose bf16 by itself), "bf16" only on CPUs that run it natively, "int8" the network
 quantized by NNCF post-training quantization calibrated on the built-in benchmark images. Their
-measured mask errors are in `MEASURED_ERRORS`.
+measured mask errors are in `MEASURED_ERRORS`. A PyTorch network is converted as its spec's
+`for_conversion` gives it, so that OpenVINO gets its native ops (BiRefNet's deformable convolutions as
+DeformableConvolution, which keeps bf16 within 1/255 where the sampled form moved masks by 7/255).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -33,14 +36,20 @@ log = logging.getLogger(__name__)
 
 CACHE_VARIABLE = "RMBG_OPENVINO_CACHE"
 PRECISIONS = ("f32", "bf16", "int8")
-# --dtype -> OpenVINO precision ("auto": f32, the one precision that keeps every model within 2/255).
+# --dtype -> OpenVINO precision ("auto": `auto_precision`).
 DTYPE_PRECISIONS = {"auto": "f32", "float32": "f32", "bfloat16": "bf16", "int8": "int8"}
-# Largest 8-bit mask difference vs float32, in 1/255 steps: u2netp on the 8 built-in benchmark photos at 320
-# (engine runs against ONNX Runtime float32), RMBG-2.0 with the parity-fixture weights on the 3 bench photos
-# at 1024 (`python bench/bench.py --cli --runtimes openvino:bfloat16`); see bench/RESULTS.md. Shown in the
-# model line, --help and the README: bf16 and int8 are explicit choices, never `auto`'s. f32 is exact for
-# every model (at most 1/255, a rounding step, measured for all of them).
-MEASURED_ERRORS = {("rmbg-2.0", "bf16"): 7, ("u2netp", "bf16"): 222, ("u2netp", "int8"): 255}
+AUTO_BUDGET = 2  # the largest mask difference from float32 (1/255 steps) `auto` may choose, as on PyTorch
+# Largest 8-bit mask difference vs float32, in 1/255 steps, by (model, precision, source): "pytorch", converted
+# by `openvino_from_torch`, or "onnx", an ONNX file (`rmbg export`'s, whose deformable convolutions are the
+# sampled form, or the embedded u2netp.onnx). u2netp: the 8 built-in benchmark photos at 320 (engine runs
+# against ONNX Runtime float32); RMBG-2.0: parity-fixture weights, the 3 bench photos at 1024, masks at the
+# photo's size (`python bench/bench.py --cli --runtimes openvino:bfloat16`); see bench/RESULTS.md. Shown in
+# the model line, --help and the README. f32 is exact for every model (at most 1/255, a rounding step).
+MEASURED_ERRORS = {("rmbg-2.0", "bf16", "pytorch"): 2, ("rmbg-2.0", "bf16", "onnx"): 7,
+                   ("u2netp", "bf16", "onnx"): 222, ("u2netp", "int8", "onnx"): 255}
+# Changes when a conversion from PyTorch changes what it produces, so that cached IRs are made again
+# (2: BiRefNet's deformable convolutions as OpenVINO's DeformableConvolution).
+CONVERSION_REVISION = 2
 # Choices refused with the measurement: the masks are not the model's any more.
 UNUSABLE = {("u2netp", "int8"): "int8 ruins u2netp's masks (worst built-in benchmark photo: IoU 0.00 with float32's)"}
 # Swin-backboned networks, which NNCF quantizes as transformers (the others are plain CNNs).
@@ -77,17 +86,26 @@ def cache_root() -> Path:
     return Path(base) / "rmbg-demo" / "openvino"
 
 
+@functools.cache
 def cpu_runs_bf16() -> bool:
     """OpenVINO's own answer: the CPU plugin has native bf16 (AVX512-BF16 or AMX)."""
     core = import_openvino().Core()
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def precision_label(model: str | None, precision: str) -> str:
-    """What a precision costs in mask error, as measured."""
+def auto_precision(spec) -> str:
+    """--dtype auto for a PyTorch network on OpenVINO: bf16 where the CPU runs it natively and the network's
+    bf16 masks were measured within AUTO_BUDGET of float32; else f32, exact."""
+    error = MEASURED_ERRORS.get((spec.name, "bf16", "pytorch"))
+    return "bf16" if error is not None and error <= AUTO_BUDGET and openvino_available() and cpu_runs_bf16() \
+        else "f32"
+
+
+def precision_label(model: str | None, precision: str, source: str) -> str:
+    """What a precision costs in mask error, as measured (`source`: "pytorch" or "onnx")."""
     if precision == "f32":
         return "f32, exact"
-    error = MEASURED_ERRORS.get((model, precision))
+    error = MEASURED_ERRORS.get((model, precision, source))
     measured = f"masks up to {error}/255 from float32, measured" if error is not None else \
         "mask error vs float32 not measured for this model"
     return f"{precision}, {measured}"
@@ -117,12 +135,12 @@ class OpenVinoEngine:
     def __init__(self, source: Callable[[tuple[int, int]], object], *, precision: str = "f32",
                  activation: Activation | str = Activation.SIGMOID, model_name: str | None = None,
                  input_size: tuple[int, int] | None = None, fixed_size: tuple[int, int] | None = None,
-                 what: str = "", warm_size: tuple[int, int] | None = None):
+                 what: str = "", warm_size: tuple[int, int] | None = None, source_kind: str = "onnx"):
         self.ov = import_openvino()
         self.precision = check_precision(precision, model_name)
         self.source, self.activation = source, Activation(activation)
         self.model_name, self.input_size, self.fixed_size = model_name, input_size, fixed_size
-        self.what = what
+        self.what, self.source_kind = what, source_kind
         self.core = self.ov.Core()
         self.compiled: dict[tuple[int, int], object] = {}
         self.compile_seconds = 0.0
@@ -168,7 +186,7 @@ class OpenVinoEngine:
         return activate(raw, self.activation)
 
     def describe(self) -> str:
-        precision = precision_label(self.model_name, self.precision)
+        precision = precision_label(self.model_name, self.precision, self.source_kind)
         return f"{self.what} on cpu, openvino {self.ov.__version__.split('-')[0]} ({precision})"
 
 
@@ -247,7 +265,8 @@ def network_key(spec, weights=None, network: torch.nn.Module | None = None) -> s
     class and tensors (two models with the same network and tensors share one IR), or else the model and its
     weights file's path, size and modification time, so that a second start need not load the file."""
     ov = import_openvino()
-    digest = hashlib.sha256(f"openvino {ov.__version__}|torch {torch.__version__}|{spec.output_index}".encode())
+    digest = hashlib.sha256(f"openvino {ov.__version__}|torch {torch.__version__}|{spec.output_index}|"
+                            f"{CONVERSION_REVISION}".encode())
     if network is not None:
         digest.update(f"{type(network).__module__}.{type(network).__qualname__}".encode())
         for name, tensor in network.state_dict().items():
@@ -276,14 +295,19 @@ def save_ir(model, path: Path) -> Path:
     return path
 
 
-def convert(module: torch.nn.Module, size: tuple[int, int], path: Path) -> Path:
+def convert(module: torch.nn.Module, spec, size: tuple[int, int], path: Path) -> Path:
+    import contextlib
     import warnings
 
     ov = import_openvino()
     started = time.perf_counter()
-    with warnings.catch_warnings():
+    log.warning("converting %s to OpenVINO at %dx%d, once (minutes for a large network; cached in %s)", spec.name,
+                size[1], size[0], cache_root())
+    as_converted = spec.for_conversion(module) if spec.for_conversion else contextlib.nullcontext()
+    with warnings.catch_warnings(), as_converted:
         warnings.simplefilter("ignore")  # the tracer's notes on size-dependent Python branches: fixed size here
-        model = ov.convert_model(module.eval(), example_input=torch.zeros(1, 3, *size), input=[1, 3, *size])
+        model = ov.convert_model(ChosenOutput(module, spec.output_index).eval(),
+                                 example_input=torch.zeros(1, 3, *size), input=[1, 3, *size])
     save_ir(model, path)
     log.info("converted to OpenVINO at %dx%d in %.0f s: %s", size[1], size[0], time.perf_counter() - started, path)
     return path
@@ -301,11 +325,12 @@ def openvino_from_torch(spec, weights=None, *, network: torch.nn.Module | None =
         ir = ir_path(key, size, "f32")
         if not ir.exists():
             module = network if network is not None else load_model(spec.name, weights)
-            convert(ChosenOutput(module, spec.output_index), size, ir)
+            convert(module, spec, size, ir)
         return quantized(ir, spec, size, key) if precision == "int8" else str(ir)
 
     return OpenVinoEngine(source, precision=precision, activation=spec.activation, model_name=spec.name,
-                          what=f"{spec.name} (converted from PyTorch)", warm_size=tuple(input_size or spec.input_size))
+                          what=f"{spec.name} (converted from PyTorch)", warm_size=tuple(input_size or spec.input_size),
+                          source_kind="pytorch")
 
 
 # -- int8: NNCF post-training quantization ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -63,6 +64,8 @@ class ModelSpec:
     builder: Callable[[], nn.Module] | None = None  # torch: a network with uninitialised weights
     checkpoint_filter: CheckpointFilter | None = None  # torch: derived buffers, key remapping
     onnx_file: Callable[[], Path] | None = None  # onnx: the graph shipped with an installed package
+    # torch: a context manager giving the network as a graph converter (OpenVINO's) should trace it
+    for_conversion: Callable[[nn.Module], AbstractContextManager] | None = None
     hub_repo: str | None = None  # Hugging Face repo holding the weights
     hub_files: tuple[str, ...] = ("model.safetensors",)  # tried in order
     download_mb: int | None = None  # size of the first hub file, shown before a download
@@ -159,6 +162,7 @@ register(ModelSpec(
     input_size=(1024, 1024),
     builder=_birefnet("RMBG2_CONFIG"),
     checkpoint_filter=_lazy("birefnet", "checkpoint_filter"),
+    for_conversion=_lazy("birefnet", "torchvision_deformable"),
     hub_repo="briaai/RMBG-2.0",
     download_mb=885,
     gated=True,
@@ -174,6 +178,7 @@ register(ModelSpec(
     input_size=(1024, 1024),
     builder=_birefnet("RMBG2_CONFIG"),
     checkpoint_filter=_lazy("birefnet", "checkpoint_filter"),
+    for_conversion=_lazy("birefnet", "torchvision_deformable"),
     hub_repo="ZhengPeng7/BiRefNet",
     download_mb=885,
     aliases=("birefnet",),
@@ -186,6 +191,7 @@ register(ModelSpec(
     input_size=(1024, 1024),
     builder=_birefnet("BIREFNET_LITE_CONFIG"),
     checkpoint_filter=_lazy("birefnet", "checkpoint_filter"),
+    for_conversion=_lazy("birefnet", "torchvision_deformable"),
     hub_repo="ZhengPeng7/BiRefNet_lite",
     download_mb=179,
     actor_memory_mb=3584,

@@ -11,6 +11,8 @@ In eval mode `forward` returns four logit maps, coarse to full resolution (strid
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,12 +72,14 @@ class DeformableConv(nn.Module):
     """Modulated deformable convolution (DCNv2) with offsets and modulation predicted from the input.
 
     torchvision's kernel has no bfloat16 (and patchy float16) support, so it always
-    computes in float32 and casts back.
+    computes in float32 and casts back. `use_torchvision`: torchvision's op on every device, not
+    only off the CPU (`torchvision_deformable`).
     """
 
     def __init__(self, cin: int, cout: int, kernel: int):
         super().__init__()
         self.padding = kernel // 2
+        self.use_torchvision = False
         self.offset_conv = nn.Conv2d(cin, 2 * kernel * kernel, kernel, padding=self.padding)
         self.modulator_conv = nn.Conv2d(cin, kernel * kernel, kernel, padding=self.padding)
         self.regular_conv = nn.Conv2d(cin, cout, kernel, padding=self.padding, bias=False)
@@ -85,11 +89,28 @@ class DeformableConv(nn.Module):
         modulator = 2.0 * torch.sigmoid(self.modulator_conv(x))
         with torch.autocast(device_type=x.device.type, enabled=False):
             args = (x.float(), offset.float(), self.regular_conv.weight.float())
-            if x.device.type == "cpu":
+            if x.device.type == "cpu" and not self.use_torchvision:
                 out = deform_conv2d_sampled(*args, modulator.float(), self.padding)
             else:
                 out = deform_conv2d(*args, padding=(self.padding, self.padding), mask=modulator.float())
         return out.to(x.dtype)
+
+
+@contextlib.contextmanager
+def torchvision_deformable(network: nn.Module) -> Iterator[nn.Module]:
+    """The network with torchvision's deform_conv2d in every deformable convolution, for a graph converter that
+    maps that op to a native one (OpenVINO's DeformableConvolution). The sampled form's grid_sample computes
+    sampling positions in the graph's precision: in bfloat16 they are off by up to a pixel and a half at 1024,
+    and RMBG-2.0's masks moved by 8/255 (OpenVINO bf16; 1/255 with the native op, bench/RESULTS.md)."""
+    convs = [module for module in network.modules() if isinstance(module, DeformableConv)]
+    before = [conv.use_torchvision for conv in convs]
+    for conv in convs:
+        conv.use_torchvision = True
+    try:
+        yield network
+    finally:
+        for conv, used in zip(convs, before):
+            conv.use_torchvision = used
 
 
 class ASPPBranch(nn.Module):
