@@ -25,10 +25,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, repeatable: bool = F
                         help="auto: float16 on CUDA, bfloat16 on CPUs with native bf16, else float32; int8: the "
                              "Linear layers in int8 on the CPU (faster, masks within a few 255ths: see the README)")
     parser.add_argument("--runtime", default="auto", choices=["auto", *RUNTIME_CHOICES],
-                        help="what runs the network. auto: OpenVINO bf16 for RMBG-2.0 where the openvino extra is "
-                             "installed and the CPU has native bf16 (its masks within 2/255 of float32), else the "
-                             "model's own (PyTorch networks: PyTorch; ONNX graphs: ONNX Runtime). openvino (CPU; "
-                             "pip install 'rmbg-demo[openvino]'; the first start converts and compiles, minutes for "
+                        help="what runs the network. auto: OpenVINO bf16 for RMBG-2.0 and BiRefNet lite at their "
+                             "own size where the openvino extra is installed and the CPU has native bf16 (masks "
+                             "measured within 2/255 of float32), else the model's own (PyTorch networks: PyTorch; "
+                             "ONNX graphs: ONNX Runtime). openvino (CPU; pip install 'rmbg-demo[openvino]'; the first "
+                             "start converts and compiles, minutes for "
                              "RMBG-2.0, then cached): --dtype float32 is exact; bfloat16 and int8 (NNCF) move masks, "
                              "measured vs float32: "
                              + "; ".join(measured_error(*key, error) for key, error in OPENVINO_MEASURED_ERRORS.items())

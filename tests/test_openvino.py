@@ -66,8 +66,8 @@ def test_every_model_on_openvino_f32_matches_float32(name, fixture_networks):
     got, expected = engine(batch), reference_engine(name, fixture_networks)(batch)
     assert got.shape == expected.shape == (len(PHOTOS), 1, *size)
     assert mask_difference(got, expected) <= 1  # float32 sums in another order: a rounding step at most
-    if get_spec(name).for_conversion:  # BiRefNet: its deformable convolutions as OpenVINO's own op
-        assert "DeformableConvolution" in layer_types(engine, size) and "GridSample" not in layer_types(engine, size)
+    if get_spec(name).for_conversion:  # BiRefNet at f32: the sampled form, which OpenVINO runs faster
+        assert "GridSample" in layer_types(engine, size) and "DeformableConvolution" not in layer_types(engine, size)
 
 
 def test_an_exported_file_runs_on_openvino_as_its_metadata_says(tmp_path, fixture_networks):
@@ -159,7 +159,26 @@ def test_auto_picks_openvino_only_where_measured_within_its_budget(name, bf16, m
         assert auto_runtime(spec, None, "cpu", dtype) == own
     assert auto_runtime(spec, "model.onnx", "cpu", "auto") == "onnxruntime"
     assert auto_runtime(spec, None, "cuda", "auto") == own
+    # measured at the model's own size only: elsewhere auto keeps the model's own runtime and f32
+    assert auto_runtime(spec, None, "cpu", "auto", (256, 256)) == own and ov.auto_precision(spec, (256, 256)) == "f32"
     assert ov.MEASURED_ERRORS.get((name, ov.auto_precision(spec), "pytorch"), 0) <= ov.AUTO_BUDGET
+
+
+def test_the_engine_auto_builds_runs_bf16_only_at_the_measured_size(monkeypatch, fixture_networks):
+    """`--runtime openvino` at --dtype auto: bf16 at the model's own size, where it was measured, and f32 (exact,
+    the sampled form) at any other size a request asks; the model line says both."""
+    from rmbg_demo.engines import ov
+
+    monkeypatch.setattr(ov, "cpu_runs_bf16", lambda: True)
+    engine = build_engine("birefnet-lite", network=network_for("birefnet-lite", fixture_networks), runtime="openvino",
+                          input_size=(256, 256))
+    assert engine.precision == "auto" and engine.precision_at((256, 256)) == "f32"
+    assert engine.precision_at((1024, 1024)) == "bf16"
+    assert "bf16, masks up to 2/255 from float32, measured, at 1024x1024; f32, exact, at other sizes" in \
+        engine.describe()
+    assert "GridSample" in layer_types(engine, (256, 256))  # compiled at 256: f32's sampled form
+    monkeypatch.setattr(ov, "cpu_runs_bf16", lambda: False)
+    assert engine.precision_at((1024, 1024)) == "f32" and "(f32, exact)" in engine.describe()
 
 
 def test_auto_relies_on_a_measured_figure_for_rmbg2():

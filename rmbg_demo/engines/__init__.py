@@ -29,28 +29,31 @@ def is_exported_file(weights) -> bool:
     return os.fspath(weights or "").lower().endswith(".onnx")
 
 
-def auto_runtime(spec: ModelSpec, weights=None, device="auto", dtype="auto") -> str:
+def auto_runtime(spec: ModelSpec, weights=None, device="auto", dtype="auto", size=None) -> str:
     """The runtime `auto` runs: the fastest measured whose masks stay within 2/255 of float32. That is OpenVINO
     bf16 for a PyTorch network measured within that budget (RMBG-2.0 at 1024: 2.9x the model card end to end on
     an AMX Xeon, bench/RESULTS.md), where the openvino extra is installed and the CPU has native bf16, asked at
     --dtype auto or bfloat16 (`ov.auto_precision`); otherwise the model's own (PyTorch networks on PyTorch, ONNX
-    graphs and exports on ONNX Runtime). OpenVINO's first start converts the network, once: about two minutes
-    for RMBG-2.0 there, announced, then cached under ~/.cache/rmbg-demo/openvino."""
+    graphs and exports on ONNX Runtime). Only at the model's own size (`size`, default that), where it was
+    measured; the OpenVINO engine `auto` builds runs f32 (exact) at other sizes. OpenVINO's first start converts
+    the network, once: about two minutes for RMBG-2.0 there, announced, then cached under
+    ~/.cache/rmbg-demo/openvino."""
     if is_exported_file(weights) or spec.runtime is Runtime.ONNX:
         return "onnxruntime"
-    if dtype in (None, "auto", "bfloat16") and pick_device(device).type == "cpu" and auto_precision(spec) == "bf16":
+    if dtype in (None, "auto", "bfloat16") and pick_device(device).type == "cpu" \
+            and auto_precision(spec, size) == "bf16":
         return "openvino"
     return "torch"
 
 
 def runtime_for(spec: ModelSpec, weights=None, backend: str | None = None, runtime: str = "auto", device="auto",
-                dtype="auto") -> str:
+                dtype="auto", size=None) -> str:
     """Which runtime runs `spec`: "remote" with a `backend`, the one asked (when it can run this model), or
     for "auto" `auto_runtime`'s pick."""
     if backend:
         return "remote"
     if runtime in (None, "auto"):
-        return auto_runtime(spec, weights, device, dtype)
+        return auto_runtime(spec, weights, device, dtype, size)
     if runtime not in RUNTIME_CHOICES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of: auto, {', '.join(RUNTIME_CHOICES)}")
     exported = is_exported_file(weights)
@@ -108,7 +111,7 @@ def _openvino_engine(spec: ModelSpec, weights, device, dtype, *, network, input_
         raise ValueError(f"--dtype {dtype} does not run on OpenVINO; choose one of {', '.join(DTYPE_PRECISIONS)}")
     precision = DTYPE_PRECISIONS[dtype]
     if dtype == "auto" and not is_exported_file(weights) and spec.runtime is Runtime.TORCH:
-        precision = auto_precision(spec)
+        precision = "auto"  # per size: bf16 where measured within auto's budget, else f32 (ov.auto_precision)
     if is_exported_file(weights) or (network is None and spec.runtime is Runtime.ONNX):
         from ..weights import resolve_weights
 
@@ -141,6 +144,6 @@ def build_engine(model: str | ModelSpec, weights: str | os.PathLike | None = Non
     if (network is not None or compile) and runtime in (None, "auto") and spec.runtime is Runtime.TORCH \
             and not is_exported_file(weights):
         runtime = "torch"  # a network built here, or torch.compile asked: PyTorch unless OpenVINO is named
-    runtime = runtime_for(spec, weights, backend, runtime, device, dtype)
+    runtime = runtime_for(spec, weights, backend, runtime, device, dtype, input_size)
     return ENGINE_BUILDERS[runtime](spec, weights, device, dtype, network=network, input_size=input_size,
                                     compile=compile, max_batch=max_batch, backend=backend)

@@ -10,9 +10,10 @@ compiled models, so that it does not compile again either.
 Precisions: "f32" is exact (INFERENCE_PRECISION_HINT set to f32: on CPUs with bf16 OpenVINO would
 otherwise choose bf16 by itself), "bf16" only on CPUs that run it natively, "int8" the network
 quantized by NNCF post-training quantization calibrated on the built-in benchmark images. Their
-measured mask errors are in `MEASURED_ERRORS`. A PyTorch network is converted as its spec's
-`for_conversion` gives it, so that OpenVINO gets its native ops (BiRefNet's deformable convolutions as
-DeformableConvolution, which keeps bf16 within 1/255 where the sampled form moved masks by 7/255).
+measured mask errors are in `MEASURED_ERRORS`. For bf16 and int8 a PyTorch network is converted
+as its spec's `for_conversion` gives it, so that OpenVINO gets its own ops (BiRefNet's deformable
+convolutions as DeformableConvolution, which keeps bf16 within 1/255 where the sampled form moved masks by
+8/255 at the network's size).
 """
 from __future__ import annotations
 
@@ -45,11 +46,14 @@ AUTO_BUDGET = 2  # the largest mask difference from float32 (1/255 steps) `auto`
 # against ONNX Runtime float32); RMBG-2.0: parity-fixture weights, the 3 bench photos at 1024, masks at the
 # photo's size (`python bench/bench.py --cli --runtimes openvino:bfloat16`); see bench/RESULTS.md. Shown in
 # the model line, --help and the README. f32 is exact for every model (at most 1/255, a rounding step).
+# BiRefNet lite: the same photos at 1024 and 512 (`python bench/runtimes.py --model birefnet-lite ...`), the
+# larger of the two.
 MEASURED_ERRORS = {("rmbg-2.0", "bf16", "pytorch"): 2, ("rmbg-2.0", "bf16", "onnx"): 7,
+                   ("birefnet-lite", "bf16", "pytorch"): 2, ("birefnet-lite", "int8", "pytorch"): 15,
                    ("u2netp", "bf16", "onnx"): 222, ("u2netp", "int8", "onnx"): 255}
 # Changes when a conversion from PyTorch changes what it produces, so that cached IRs are made again
-# (2: BiRefNet's deformable convolutions as OpenVINO's DeformableConvolution).
-CONVERSION_REVISION = 2
+# (3: BiRefNet's deformable convolutions as OpenVINO's DeformableConvolution for bf16 and int8).
+CONVERSION_REVISION = 3
 # Choices refused with the measurement: the masks are not the model's any more.
 UNUSABLE = {("u2netp", "int8"): "int8 ruins u2netp's masks (worst built-in benchmark photo: IoU 0.00 with float32's)"}
 # Swin-backboned networks, which NNCF quantizes as transformers (the others are plain CNNs).
@@ -93,12 +97,14 @@ def cpu_runs_bf16() -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def auto_precision(spec) -> str:
-    """--dtype auto for a PyTorch network on OpenVINO: bf16 where the CPU runs it natively and the network's
-    bf16 masks were measured within AUTO_BUDGET of float32; else f32, exact."""
+def auto_precision(spec, size: tuple[int, int] | None = None) -> str:
+    """--dtype auto for a PyTorch network on OpenVINO at `size` (default the model's): bf16 where the CPU runs it
+    natively and the network's bf16 masks were measured within AUTO_BUDGET of float32, which was at the model's
+    own size (at 256 the fixture weights' bf16 masks moved by 35-64/255); else f32, exact."""
     error = MEASURED_ERRORS.get((spec.name, "bf16", "pytorch"))
-    return "bf16" if error is not None and error <= AUTO_BUDGET and openvino_available() and cpu_runs_bf16() \
-        else "f32"
+    own_size = size is None or tuple(size) == tuple(spec.input_size)
+    return "bf16" if own_size and error is not None and error <= AUTO_BUDGET and openvino_available() \
+        and cpu_runs_bf16() else "f32"
 
 
 def precision_label(model: str | None, precision: str, source: str) -> str:
@@ -112,7 +118,7 @@ def precision_label(model: str | None, precision: str, source: str) -> str:
 
 
 def check_precision(precision: str, model: str | None = None) -> str:
-    if precision not in PRECISIONS:
+    if precision not in (*PRECISIONS, "auto"):
         raise ValueError(f"OpenVINO precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if (model, precision) in UNUSABLE:
         raise ValueError(f"{UNUSABLE[model, precision]}: use --dtype float32 (exact)")
@@ -148,10 +154,16 @@ class OpenVinoEngine:
         if warm_size or input_size or fixed_size:
             self._compiled_for(tuple(warm_size or input_size or fixed_size))
 
-    def _config(self) -> dict:
+    def precision_at(self, size: tuple[int, int]) -> str:
+        """The precision run at `size`: the one asked, or for "auto" `auto_precision`'s at that size."""
+        if self.precision != "auto":
+            return self.precision
+        return auto_precision(get_spec(self.model_name), size) if self.model_name else "f32"
+
+    def _config(self, size: tuple[int, int]) -> dict:
         cache = cache_root() / "compiled"
         cache.mkdir(parents=True, exist_ok=True)
-        hint = "bf16" if self.precision == "bf16" else "f32"  # int8 layers are in the graph; the rest f32
+        hint = "bf16" if self.precision_at(size) == "bf16" else "f32"  # int8 layers are in the graph; the rest f32
         return {"CACHE_DIR": str(cache), "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
 
     def _compiled_for(self, size: tuple[int, int]):
@@ -159,7 +171,7 @@ class OpenVinoEngine:
             if size not in self.compiled:
                 started = time.perf_counter()
                 model = self.source(size)
-                self.compiled[size] = self.core.compile_model(model, "CPU", self._config())
+                self.compiled[size] = self.core.compile_model(model, "CPU", self._config(size))
                 self.compile_seconds += time.perf_counter() - started
                 log.info("OpenVINO %s ready for %dx%d in %.1f s", self.precision, size[1], size[0],
                          time.perf_counter() - started)
@@ -186,7 +198,10 @@ class OpenVinoEngine:
         return activate(raw, self.activation)
 
     def describe(self) -> str:
-        precision = precision_label(self.model_name, self.precision, self.source_kind)
+        own = tuple(self.fixed_size or (get_spec(self.model_name).input_size if self.model_name else (0, 0)))
+        precision = precision_label(self.model_name, self.precision_at(own), self.source_kind)
+        if self.precision == "auto" and self.precision_at(own) != "f32":
+            precision += f", at {own[1]}x{own[0]}; f32, exact, at other sizes"
         return f"{self.what} on cpu, openvino {self.ov.__version__.split('-')[0]} ({precision})"
 
 
@@ -295,7 +310,8 @@ def save_ir(model, path: Path) -> Path:
     return path
 
 
-def convert(module: torch.nn.Module, spec, size: tuple[int, int], path: Path) -> Path:
+def convert(module: torch.nn.Module, spec, size: tuple[int, int], path: Path, native: bool) -> Path:
+    """`module` as IR at `path`; `native`: as its spec's `for_conversion` gives it (OpenVINO's own ops)."""
     import contextlib
     import warnings
 
@@ -303,7 +319,7 @@ def convert(module: torch.nn.Module, spec, size: tuple[int, int], path: Path) ->
     started = time.perf_counter()
     log.warning("converting %s to OpenVINO at %dx%d, once (minutes for a large network; cached in %s)", spec.name,
                 size[1], size[0], cache_root())
-    as_converted = spec.for_conversion(module) if spec.for_conversion else contextlib.nullcontext()
+    as_converted = spec.for_conversion(module) if native else contextlib.nullcontext()
     with warnings.catch_warnings(), as_converted:
         warnings.simplefilter("ignore")  # the tracer's notes on size-dependent Python branches: fixed size here
         model = ov.convert_model(ChosenOutput(module, spec.output_index).eval(),
@@ -320,13 +336,17 @@ def openvino_from_torch(spec, weights=None, *, network: torch.nn.Module | None =
     from ..weights import load_model
 
     key = network_key(spec, weights, network)
+    # bf16 and int8 get OpenVINO's own ops (BiRefNet's DeformableConvolution computes its sampling positions in
+    # f32); f32 the sampled form, which OpenVINO runs 10 % faster (9.3 s vs 10.3 s, bench/openvino_bf16.py).
 
     def source(size):
-        ir = ir_path(key, size, "f32")
+        at = auto_precision(spec, size) if precision == "auto" else precision
+        native = at != "f32" and spec.for_conversion is not None
+        ir = ir_path(key, size, "f32-native" if native else "f32")
         if not ir.exists():
             module = network if network is not None else load_model(spec.name, weights)
-            convert(module, spec, size, ir)
-        return quantized(ir, spec, size, key) if precision == "int8" else str(ir)
+            convert(module, spec, size, ir, native)
+        return quantized(ir, spec, size, key) if at == "int8" else str(ir)
 
     return OpenVinoEngine(source, precision=precision, activation=spec.activation, model_name=spec.name,
                           what=f"{spec.name} (converted from PyTorch)", warm_size=tuple(input_size or spec.input_size),
