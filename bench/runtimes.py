@@ -6,7 +6,8 @@ OpenVINO f32 / bf16 / int8, sizes.
 
 Every configuration turns the same decoded photos into masks (preprocess, network, activation,
 the mask resized to the photo), timed per photo; the figure is the median over photos x runs.
-Masks are compared with PyTorch float32 at --size (the reference), 8-bit, at the photo's size, in 1/255 steps.
+Masks are compared with PyTorch float32 at --size (the reference; ONNX Runtime float32 for u2netp, an ONNX
+graph: `--model u2netp` runs ONNX Runtime and OpenVINO's precisions), 8-bit, at the photo's size, in 1/255 steps.
 The model card's snippet (float32, torchvision transforms) is timed too, so that speed-ups are
 against what a user of the card runs. Without --weights the network gets the parity fixture's
 deterministic weights: speed does not depend on weight values; mask differences do a little.
@@ -42,9 +43,13 @@ DEFAULT_IMAGES = [ROOT / "assets" / n for n in ("chelsea.jpg", "coffee.jpg", "as
 OUT = ROOT / "bench" / "out"
 
 
-def fixture_network(model_name: str, weights) -> nn.Module:
+def fixture_network(model_name: str, weights) -> nn.Module | None:
+    """The PyTorch network (None for an ONNX graph such as u2netp)."""
     from rmbg_demo import build_model, load_model
+    from rmbg_demo.models import Runtime, get_spec
 
+    if get_spec(model_name).runtime is Runtime.ONNX:
+        return None
     if weights:
         return load_model(model_name, weights)
     import parity
@@ -133,10 +138,23 @@ def openvino_engine(name, network, precision: str, size: int, label: str, export
     return engine
 
 
+def graph_configurations(args):
+    """An ONNX graph (u2netp): ONNX Runtime float32, the reference, then OpenVINO's precisions."""
+    from rmbg_demo.engines import build_engine
+
+    rows = [("onnxruntime float32", args.size, lambda: build_engine(args.model, runtime="onnxruntime"))]
+    for precision, dtype in (("f32", "float32"), ("bf16", "bfloat16"), ("int8", "int8")):
+        rows.append((f"OpenVINO {precision}", args.size,
+                     lambda dtype=dtype: build_engine(args.model, runtime="openvino", dtype=dtype)))
+    return rows
+
+
 def configurations(args, network, exports):
     """(label, size, factory) in run order; factories build lazily, so a failure costs only its row."""
     from rmbg_demo.engines.ort import OnnxEngine
 
+    if network is None:
+        return [row for row in graph_configurations(args) if not args.only or any(w in row[0] for w in args.only)]
     base, name = args.size, args.model
 
     from rmbg_demo.engines.pytorch import cpu_has_fast_bfloat16
@@ -229,7 +247,7 @@ def measure(args, network, images) -> tuple[list[dict], dict]:
             rows.append({"label": label, "size": size, "error": error})
             print(f"   {error}", flush=True)
             continue
-        if label == "PyTorch float32":
+        if label in ("PyTorch float32", "onnxruntime float32") and reference is None:
             reference = masks[:len(images)]
         if label.startswith("model card"):
             card_median = statistics.median(times)
@@ -260,6 +278,8 @@ def table(rows, exports, base: int) -> str:
 
 
 def verdict(rows) -> str:
+    if not any("speedup" in row for row in rows):
+        return ""  # no model card to compare with (an ONNX graph)
     fast = [r for r in rows if r.get("speedup", 0) >= 3 and r.get("max", 255) <= 4]
     if fast:
         return "- reaches the goal (>= 3x the card at <= 4/255): " + ", ".join(r["label"] for r in fast)
@@ -292,15 +312,19 @@ def openvino_version() -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", nargs="+", type=Path, default=DEFAULT_IMAGES)
-    parser.add_argument("--model", default="rmbg-2.0", help="a BiRefNet model (default rmbg-2.0)")
+    parser.add_argument("--model", default="rmbg-2.0", help="a BiRefNet model (default rmbg-2.0), or u2netp")
     parser.add_argument("--weights", help="the model's weights file (default: the parity fixture's weights)")
-    parser.add_argument("--size", type=int, default=1024, help="the size every runtime runs at, and the reference's")
+    parser.add_argument("--size", type=int, help="the size every runtime runs at, and the reference's (default: "
+                        "the model's)")
     parser.add_argument("--runs", type=int, default=1, help="passes over the photos per runtime")
     parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 768, 512])
     parser.add_argument("--only", nargs="+", help="run only the rows whose label contains one of these words")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     from rmbg_demo.imageio import load_image
+    from rmbg_demo.models import get_spec
+
+    args.size = args.size or get_spec(args.model).input_size[0]
 
     OUT.mkdir(parents=True, exist_ok=True)
     images = [load_image(path) for path in args.images]
