@@ -239,8 +239,10 @@ def test_review_and_cascade_route_the_same_rows_as_the_plain_cli(local_ray, tmp_
     assert "escalating 1 images to model birefnet-lite at 256x256" in run.stderr
     assert "1 under --review-below 0.9" in run.stderr
     assert files(tmp_path / "ray" / "review") == files(tmp_path / "plain" / "review") == ["chelsea.png"]
-    assert np.array_equal(pixels(tmp_path / "ray" / "review" / "chelsea.png"),
-                          pixels(tmp_path / "plain" / "review" / "chelsea.png"))
+    # The network's float32 sums run in another order with a Ray actor's one thread than with the plain
+    # command's two: on an AMX Xeon 8 alpha values of this PyTorch model differ by 1/255 (none with one thread).
+    ray_pixels, plain_pixels = (pixels(tmp_path / way / "review" / "chelsea.png") for way in ("ray", "plain"))
+    assert np.abs(ray_pixels - plain_pixels).max() <= 1
     records = {Path(r.input).name: r for r in manifest_module.read_manifest(tmp_path / "ray" / "manifest.jsonl")}
     assert records["chelsea.jpg"].model == "birefnet-lite" and records["chelsea.jpg"].escalated_from == "u2netp"
     assert records["chelsea.jpg"].review and records["chelsea.jpg"].first_confidence < 0.85
