@@ -3,6 +3,7 @@ real HTTP. The same app on Ray Serve: test_serve_ray.py."""
 import io
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -154,11 +155,12 @@ def test_concurrent_clients_get_their_own_images(service):
     assert clients_get_their_own_images(service) == []
 
 
-def clients_get_their_own_images(service, headers=None) -> list[str]:
+def clients_get_their_own_images(service, headers=None, retries_on_503: int = 0) -> list[str]:
     """8 clients at once (their requests share network batches), each image a distinct colour, size and
     subject placement: every answer holds its own input's pixels and its own input's mask (the size and
     centre colour alone come from the request's own image whatever mask a mixed-up batch gave it). Small
-    here (the 8 x 100 run with memory is bench/serve.py). The problems found, if any."""
+    here (the 8 x 100 run with memory is bench/serve.py). `retries_on_503`: a client that backs off and asks
+    again when told the queue is full. The problems found, if any."""
     from rmbg_demo.pipeline import RemovalPipeline
 
     local = RemovalPipeline("u2netp")
@@ -170,6 +172,11 @@ def clients_get_their_own_images(service, headers=None) -> list[str]:
             size = (32 + 4 * index, 24 + 2 * request)
             photo = patch_photo(colour, size, offset=(index % 3, request % 2))
             status, _, body = post(service, photo, headers=headers)
+            for _ in range(retries_on_503):
+                if status != 503:
+                    break
+                time.sleep(0.5)
+                status, _, body = post(service, photo, headers=headers)
             if status != 200:
                 problems.append(f"{index}/{request}: {status} {body[:100]!r}")
                 continue
