@@ -10,32 +10,24 @@ Parity-fixture weights; the bench photos preprocessed as the pipeline does; one 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import statistics
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
 from common import fixture_network, report
 from runtimes import DEFAULT_IMAGES, cpu_model, openvino_version
 
-from rmbg_demo.engines.ov import ChosenOutput
+from rmbg_demo.engines.ov import converted_model
 from rmbg_demo.models import get_spec
 from rmbg_demo.processing import preprocess
 
 
 def converted(network, spec, size, native: bool):
-    import openvino as ov
-
     started = time.perf_counter()
-    as_converted = spec.for_conversion(network) if native else contextlib.nullcontext()
-    with warnings.catch_warnings(), as_converted:
-        warnings.simplefilter("ignore")
-        model = ov.convert_model(ChosenOutput(network, spec.output_index).eval(),
-                                 example_input=torch.zeros(1, 3, *size), input=[1, 3, *size])
+    model = converted_model(network, spec, size, native)
     kinds = {op.get_type_name() for op in model.get_ops()} & {"GridSample", "DeformableConvolution"}
     return model, time.perf_counter() - started, ", ".join(sorted(kinds))
 

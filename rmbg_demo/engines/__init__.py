@@ -31,7 +31,7 @@ def is_exported_file(weights) -> bool:
 
 def auto_runtime(spec: ModelSpec, weights=None, device="auto", dtype="auto", size=None) -> str:
     """The runtime `auto` runs: the fastest measured whose masks stay within 2/255 of float32. That is OpenVINO
-    bf16 for a PyTorch network measured within that budget (RMBG-2.0 at 1024: 2.9x the model card end to end on
+    bf16 for a PyTorch network measured within that budget (RMBG-2.0 at 1024: 3.55x the model card end to end on
     an AMX Xeon, bench/RESULTS.md), where the openvino extra is installed and the CPU has native bf16, asked at
     --dtype auto or bfloat16 (`ov.auto_precision`); otherwise the model's own (PyTorch networks on PyTorch, ONNX
     graphs and exports on ONNX Runtime). Only at the model's own size (`size`, default that), where it was

@@ -17,6 +17,7 @@ convolutions as DeformableConvolution, which keeps bf16 within 1/255 where the s
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -173,7 +174,7 @@ class OpenVinoEngine:
                 model = self.source(size)
                 self.compiled[size] = self.core.compile_model(model, "CPU", self._config(size))
                 self.compile_seconds += time.perf_counter() - started
-                log.info("OpenVINO %s ready for %dx%d in %.1f s", self.precision, size[1], size[0],
+                log.info("OpenVINO %s ready for %dx%d in %.1f s", self.precision_at(size), size[1], size[0],
                          time.perf_counter() - started)
             return self.compiled[size]
 
@@ -310,21 +311,24 @@ def save_ir(model, path: Path) -> Path:
     return path
 
 
-def convert(module: torch.nn.Module, spec, size: tuple[int, int], path: Path, native: bool) -> Path:
-    """`module` as IR at `path`; `native`: as its spec's `for_conversion` gives it (OpenVINO's own ops)."""
-    import contextlib
+def converted_model(module: torch.nn.Module, spec, size: tuple[int, int], native: bool):
+    """`module`'s mask output as an `openvino.Model` at `size`; `native`: as its spec's `for_conversion` gives it
+    (OpenVINO's own ops)."""
     import warnings
 
-    ov = import_openvino()
+    as_converted = spec.for_conversion(module) if native and spec.for_conversion else contextlib.nullcontext()
+    with warnings.catch_warnings(), as_converted:
+        warnings.simplefilter("ignore")  # the tracer's notes on size-dependent Python branches: fixed size here
+        return import_openvino().convert_model(ChosenOutput(module, spec.output_index).eval(),
+                                               example_input=torch.zeros(1, 3, *size), input=[1, 3, *size])
+
+
+def convert(module: torch.nn.Module, spec, size: tuple[int, int], path: Path, native: bool) -> Path:
+    """`converted_model` saved as IR at `path`."""
     started = time.perf_counter()
     log.warning("converting %s to OpenVINO at %dx%d, once (minutes for a large network; cached in %s)", spec.name,
                 size[1], size[0], cache_root())
-    as_converted = spec.for_conversion(module) if native else contextlib.nullcontext()
-    with warnings.catch_warnings(), as_converted:
-        warnings.simplefilter("ignore")  # the tracer's notes on size-dependent Python branches: fixed size here
-        model = ov.convert_model(ChosenOutput(module, spec.output_index).eval(),
-                                 example_input=torch.zeros(1, 3, *size), input=[1, 3, *size])
-    save_ir(model, path)
+    save_ir(converted_model(module, spec, size, native), path)
     log.info("converted to OpenVINO at %dx%d in %.0f s: %s", size[1], size[0], time.perf_counter() - started, path)
     return path
 
